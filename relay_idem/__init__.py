@@ -1,0 +1,20 @@
+"""relay-idem: the first request with an ``Idempotency-Key`` executes once; every repeat gets its response back."""
+
+from relay_idem.middleware import IdempotencyMiddleware
+from relay_idem.options import IdempotencyConfig, default_final_status
+from relay_idem.scopes import authorization_scope, header_scope
+from relay_idem.store import MemoryStore, RedisStore, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IdempotencyConfig",
+    "IdempotencyMiddleware",
+    "MemoryStore",
+    "RedisStore",
+    "Store",
+    "__version__",
+    "authorization_scope",
+    "default_final_status",
+    "header_scope",
+]

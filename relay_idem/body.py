@@ -1,0 +1,30 @@
+"""Reading a keyed request's body, which must be whole before it can be fingerprinted."""
+
+from __future__ import annotations
+
+from starlette.types import Receive
+
+from relay_idem.exceptions import ClientDisconnected
+
+
+class BodyTooLarge(Exception):
+    """The body is larger than the limit: declared by Content-Length or counted while reading."""
+
+
+async def read_body(receive: Receive, *, limit: int, content_length: int | None) -> bytes:
+    """The whole request body, refusing more than ``limit`` bytes before reading them if it can."""
+    if content_length is not None and content_length > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)

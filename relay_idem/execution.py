@@ -1,0 +1,187 @@
+"""Running the app for a claimed key, and storing its outcome (SPEC §3.2, §3.6)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.types import Message
+
+from relay_idem.exceptions import StoreUnavailable
+from relay_idem.headers import end_to_end
+from relay_idem.metrics import LEASE_LOST, OUTCOME, STORE_TIME
+from relay_idem.problems import APP_ERROR, problem_body, problem_headers
+from relay_idem.store.base import Claim, Record, StoredResponse
+
+if TYPE_CHECKING:
+    from relay_idem.middleware import IdempotencyMiddleware, KeyedRequest
+
+logger = logging.getLogger(__name__)
+
+# ASGI extensions that would let the app send a response we cannot copy.
+UNCOPYABLE_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+class Execution:
+    """One run of the app for a key we hold: copies the response, renews the lease, stores the outcome.
+
+    The outcome is written (or the key released) before the last response message goes out, so a
+    client that has seen the whole response and repeats at once is never told "in progress".
+    """
+
+    def __init__(self, middleware: IdempotencyMiddleware, request: KeyedRequest, claim: Claim) -> None:
+        assert claim.token is not None
+        self.middleware = middleware
+        self.config = middleware.config
+        self.store = middleware.store
+        self.request = request
+        self.token = claim.token
+        self.record = claim.record
+        self.start: Message | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.oversized = False
+        self.finished = False
+        self.client_gone = False
+        self.renewal: asyncio.Task[None] | None = None
+
+    def app_scope(self) -> dict[str, object]:
+        scope = self.request.scope
+        extensions = {
+            name: value for name, value in (scope.get("extensions") or {}).items() if name not in UNCOPYABLE_EXTENSIONS
+        }
+        extensions["idempotency"] = {"key": self.request.key, "scope": self.request.tenant, "token": self.token}
+        return {**scope, "extensions": extensions}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.lock_ttl / 3
+        renewal_timer = loop.call_later(interval, self.start_renewal, interval)
+        try:
+            await self.middleware.app(self.app_scope(), self.request.receive_replayed(), self.send_recording)
+        except BaseException:
+            await self.finish_after_failure("raised an exception")
+            raise
+        finally:
+            renewal_timer.cancel()
+            if self.renewal is not None:
+                self.renewal.cancel()
+        if not self.finished:
+            await self.finish_after_failure("returned without finishing its response")
+
+    async def send_recording(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+        elif message["type"] == "http.response.body":
+            self.copy(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.finished = True
+                await self.finish()
+        await self.forward(message)
+
+    async def forward(self, message: Message) -> None:
+        """Send to the client; a client that went away does not stop the app, nor the record."""
+        if self.client_gone:
+            return
+        try:
+            await self.request.send(message)
+        except OSError:
+            self.client_gone = True
+
+    def copy(self, chunk: bytes) -> None:
+        if self.oversized:
+            return
+        self.size += len(chunk)
+        if self.size > self.config.max_response_bytes:
+            self.oversized = True
+            self.chunks.clear()
+        elif chunk:
+            self.chunks.append(chunk)
+
+    def start_renewal(self, interval: float) -> None:
+        self.renewal = asyncio.create_task(self.renew_lease(interval))
+
+    async def renew_lease(self, interval: float) -> None:
+        """Keep the claim while the app runs past ``lock_ttl / 3``; a lost lease is logged, not fatal."""
+        while True:
+            started = time.perf_counter()
+            try:
+                renewed = await self.store.renew(self.request.store_key, self.token, self.config.lock_ttl)
+            except StoreUnavailable as exc:
+                logger.warning("relay-idem: lease renewal failed (%s)", exc)
+            else:
+                STORE_TIME["renew"].observe(time.perf_counter() - started)
+                if not renewed:
+                    logger.warning("relay-idem: lease lost while the app was running (key %s…)", self.key_hint)
+                    return
+            await asyncio.sleep(interval)
+
+    @property
+    def key_hint(self) -> str:
+        """Enough of the key to find it in logs, never the whole key of a tenant."""
+        return self.request.key[:4]
+
+    async def finish(self) -> None:
+        assert self.start is not None
+        status: int = self.start["status"]
+        if not self.config.final_status(status):
+            await self.release()
+            return
+        headers = tuple(end_to_end(self.start.get("headers", ())))
+        if self.oversized:
+            logger.warning(
+                "relay-idem: response of %d+ bytes over max_response_bytes; stored without its body (key %s…)",
+                self.size,
+                self.key_hint,
+            )
+            response = StoredResponse(status, headers, b"", body_omitted=True)
+        else:
+            response = StoredResponse(status, headers, b"".join(self.chunks))
+        await self.complete(response)
+
+    async def finish_after_failure(self, what: str) -> None:
+        """The app failed before finishing: the outcome is unknown, so it is final (SPEC §3.6)."""
+        if self.finished:
+            return
+        self.finished = True
+        logger.warning("relay-idem: the app %s; the key's outcome is stored as a 500 (key %s…)", what, self.key_hint)
+        if self.start is not None:
+            # Part of a response already went out: record that it broke, without a body.
+            await self.complete(StoredResponse(500, (), b"", body_omitted=True))
+            return
+        body = problem_body(APP_ERROR, "the application failed while processing this request")
+        response = StoredResponse(500, tuple(problem_headers(body)), body)
+        await self.complete(response)
+        await self.forward({"type": "http.response.start", "status": 500, "headers": list(response.headers)})
+        await self.forward({"type": "http.response.body", "body": body})
+
+    async def complete(self, response: StoredResponse) -> None:
+        record = Record(self.record.fingerprint, self.record.created_at, response)
+        started = time.perf_counter()
+        try:
+            stored = await self.store.complete(self.request.store_key, self.token, record, self.config.ttl)
+        except StoreUnavailable as exc:
+            OUTCOME["not_stored"].inc()
+            logger.warning("relay-idem: could not store the outcome (%s); a retry will execute again", exc)
+            return
+        STORE_TIME["complete"].observe(time.perf_counter() - started)
+        if stored:
+            OUTCOME["executed"].inc()
+            return
+        OUTCOME["not_stored"].inc()
+        LEASE_LOST.inc()
+        logger.warning(
+            "relay-idem: lease lost; a newer owner holds the key, outcome not stored (key %s…)", self.key_hint
+        )
+
+    async def release(self) -> None:
+        OUTCOME["not_stored"].inc()
+        started = time.perf_counter()
+        try:
+            await self.store.release(self.request.store_key, self.token)
+        except StoreUnavailable as exc:
+            logger.warning("relay-idem: could not release the key (%s); it frees itself after lock_ttl", exc)
+            return
+        STORE_TIME["release"].observe(time.perf_counter() - started)

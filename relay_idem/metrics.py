@@ -1,0 +1,35 @@
+"""Prometheus metrics (SPEC §5), registered in prometheus-client's default registry.
+
+Mount them with ``prometheus_client.make_asgi_app()`` beside your app. The proxy exposes them at
+``/_relay/metrics``, summed over its workers (prometheus-client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Histogram
+
+OUTCOMES = ("executed", "replayed", "conflict", "mismatch", "invalid", "bypass", "store_error", "not_stored")
+STORE_OPERATIONS = ("begin", "complete", "release", "renew")
+
+REQUESTS = Counter(
+    "relay_idem_requests",
+    "Requests seen by relay-idem, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+STORE_SECONDS = Histogram(
+    "relay_idem_store_seconds",
+    "Time spent in one store operation.",
+    ["op"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+LEASE_LOST = Counter(
+    "relay_idem_lease_lost",
+    "Claims lost before their request finished (the late write was refused by the owner token).",
+    registry=REGISTRY,
+)
+
+# Bound label children: the hot path skips the label lookup.
+OUTCOME = {outcome: REQUESTS.labels(outcome) for outcome in OUTCOMES}
+STORE_TIME = {op: STORE_SECONDS.labels(op) for op in STORE_OPERATIONS}

@@ -1,0 +1,17 @@
+-- KEYS[1] - record key
+-- ARGV[1] - owner token
+-- ARGV[2] - completed record (msgpack)
+-- ARGV[3] - record ttl in milliseconds
+-- ARGV[4] - channel that wakes waiting repeats
+-- returns 1 if stored, 0 if the key belongs to another owner or is already completed.
+-- A key whose lease ran out and that nobody claimed since is stored: no newer owner exists,
+-- and keeping the outcome is what stops a retry from executing a second time.
+local current = redis.call('hmget', KEYS[1], 't', 'd')
+if current[2] and current[1] ~= ARGV[1] then
+    return 0
+end
+redis.call('del', KEYS[1])
+redis.call('hset', KEYS[1], 'd', ARGV[2])
+redis.call('pexpire', KEYS[1], ARGV[3])
+redis.call('publish', ARGV[4], KEYS[1])
+return 1
