@@ -9,7 +9,7 @@ from importlib.resources import files
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError
 
@@ -22,6 +22,8 @@ RedisClient = Redis | RedisCluster
 T = TypeVar("T")
 
 DEFAULT_SOCKET_TIMEOUT = 0.5
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_POOL_TIMEOUT = 2.0
 
 
 def _load_script(name: str) -> str:
@@ -62,7 +64,10 @@ def client_from_url(url: str, **options: Any) -> RedisClient:
         name: unquote(value) for name, value in (("username", parts.username), ("password", parts.password)) if value
     }
     if parts.scheme in ("redis", "rediss", "unix"):
-        return Redis.from_url(url, **options)
+        # Under a burst, wait for a pooled connection rather than fail with "Too many connections".
+        options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+        options.setdefault("timeout", DEFAULT_POOL_TIMEOUT)
+        return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(host, port) for host, port in _host_ports(parts.netloc, url)]
         return RedisCluster(startup_nodes=nodes, **credentials, **options)
