@@ -45,6 +45,7 @@ class Execution:
         self.oversized = False
         self.finished = False
         self.client_gone = False
+        self.renewal_timer: asyncio.TimerHandle | None = None
         self.renewal: asyncio.Task[None] | None = None
 
     def app_scope(self) -> dict[str, object]:
@@ -56,18 +57,15 @@ class Execution:
         return {**scope, "extensions": extensions}
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         interval = self.config.lock_ttl / 3
-        renewal_timer = loop.call_later(interval, self.start_renewal, interval)
+        self.renewal_timer = asyncio.get_running_loop().call_later(interval, self.start_renewal, interval)
         try:
             await self.middleware.app(self.app_scope(), self.request.receive_replayed(), self.send_recording)
         except BaseException:
             await self.finish_after_failure("raised an exception")
             raise
         finally:
-            renewal_timer.cancel()
-            if self.renewal is not None:
-                self.renewal.cancel()
+            self.stop_renewal()
         if not self.finished:
             await self.finish_after_failure("returned without finishing its response")
 
@@ -103,6 +101,13 @@ class Execution:
     def start_renewal(self, interval: float) -> None:
         self.renewal = asyncio.create_task(self.renew_lease(interval))
 
+    def stop_renewal(self) -> None:
+        """Before the outcome is written: a renewal that ran after it would find the claim gone."""
+        if self.renewal_timer is not None:
+            self.renewal_timer.cancel()
+        if self.renewal is not None:
+            self.renewal.cancel()
+
     async def renew_lease(self, interval: float) -> None:
         """Keep the claim while the app runs past ``lock_ttl / 3``; a lost lease is logged, not fatal."""
         while True:
@@ -125,6 +130,7 @@ class Execution:
 
     async def finish(self) -> None:
         assert self.start is not None
+        self.stop_renewal()
         status: int = self.start["status"]
         if not self.config.final_status(status):
             await self.release()
@@ -146,6 +152,7 @@ class Execution:
         if self.finished:
             return
         self.finished = True
+        self.stop_renewal()
         logger.warning("relay-idem: the app %s; the key's outcome is stored as a 500 (key %s…)", what, self.key_hint)
         if self.start is not None:
             # Part of a response already went out: record that it broke, without a body.
