@@ -12,12 +12,12 @@ from relay_idem.options import FingerprintMode
 
 
 def _canonical_json(body: bytes) -> bytes:
-    """Key order and whitespace ignored; a body that is not JSON is hashed as it is."""
+    """Key order and whitespace ignored; a body that is not JSON, or nested too deep to parse, is hashed as it is."""
     try:
         document = json.loads(body)
-    except ValueError:
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, RecursionError):
         return body
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def request_fingerprint(
