@@ -125,10 +125,11 @@ class MemoryStore:
         return None if entry is None else RecordInfo(entry.record, entry.expires_at - now)
 
     async def delete(self, key: str) -> bool:
-        removed = self._entries.pop(key, None) is not None
-        if removed:
-            self._changes.notify(key)
-        return removed
+        if self._live(key, time.monotonic()) is None:
+            return False
+        del self._entries[key]
+        self._changes.notify(key)
+        return True
 
     async def ping(self) -> None:
         return None
