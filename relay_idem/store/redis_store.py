@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from importlib.resources import files
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -16,7 +16,18 @@ from redis.exceptions import RedisError
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.base import Claim, Record, RecordInfo
 from relay_idem.store.codec import decode_record, encode_record
+from relay_idem.store.multiplexed import MultiplexedRedis, ResponseError
 from relay_idem.store.notifier import Notifier
+from relay_idem.store.scripts import (
+    LUA_BEGIN,
+    LUA_COMPLETE,
+    LUA_EXTEND,
+    LUA_RELEASE,
+    MultiplexedRunner,
+    RedisPyRunner,
+    Replication,
+    ScriptRunner,
+)
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -24,16 +35,7 @@ T = TypeVar("T")
 DEFAULT_SOCKET_TIMEOUT = 0.5
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 2.0
-
-
-def _load_script(name: str) -> str:
-    return (files("relay_idem.store") / "lua" / name).read_text()
-
-
-LUA_BEGIN = _load_script("begin.lua")
-LUA_COMPLETE = _load_script("complete.lua")
-LUA_RELEASE = _load_script("release.lua")
-LUA_EXTEND = _load_script("extend.lua")
+DEFAULT_REPLICA_TIMEOUT = 0.2
 
 
 def _milliseconds(seconds: float) -> int:
@@ -50,15 +52,24 @@ def _host_ports(netloc: str, url: str) -> list[tuple[str, int]]:
     return nodes
 
 
-def client_from_url(url: str, **options: Any) -> RedisClient:
-    """A redis-py asyncio client for any URL form SPEC §1 names.
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """What ``from_url`` opens: a redis-py client, and the multiplexed connection where one fits."""
 
-    ``redis://``, ``rediss://`` and ``unix://`` go to ``Redis.from_url``;
-    ``redis+cluster://h:p,h:p`` to ``RedisCluster``; ``redis+sentinel://h:p,h:p/service[/db]``
-    to the primary that Sentinel names, rediscovered after a failover.
+    client: RedisClient
+    multiplexed: MultiplexedRedis | None
+
+
+def connect_url(url: str, **options: Any) -> Connections:
+    """Clients for any URL form SPEC §1 names.
+
+    ``redis://`` and ``unix://`` get a redis-py client and a multiplexed connection for the hot path;
+    ``redis+sentinel://h:p,h:p/service[/db]`` the same, both following the primary Sentinel names;
+    ``rediss://`` and ``redis+cluster://h:p,h:p`` a redis-py client only.
     """
     options.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
+    timeouts = {"timeout": options["socket_timeout"], "connect_timeout": options["socket_connect_timeout"]}
     parts = urlsplit(url)
     credentials: dict[str, Any] = {
         name: unquote(value) for name, value in (("username", parts.username), ("password", parts.password)) if value
@@ -67,18 +78,43 @@ def client_from_url(url: str, **options: Any) -> RedisClient:
         # Under a burst, wait for a pooled connection rather than fail with "Too many connections".
         options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
         options.setdefault("timeout", DEFAULT_POOL_TIMEOUT)
-        return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
+        pool = BlockingConnectionPool.from_url(url, **options)
+        client = Redis.from_pool(pool)
+        if parts.scheme == "rediss":
+            return Connections(client, None)
+        where = pool.connection_kwargs
+        multiplexed = MultiplexedRedis(
+            where.get("host", "localhost"),
+            where.get("port", 6379),
+            path=where.get("path"),
+            db=where.get("db", 0),
+            username=where.get("username"),
+            password=where.get("password"),
+            **timeouts,
+        )
+        return Connections(client, multiplexed)
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(host, port) for host, port in _host_ports(parts.netloc, url)]
-        return RedisCluster(startup_nodes=nodes, **credentials, **options)
+        return Connections(RedisCluster(startup_nodes=nodes, **credentials, **options), None)
     if parts.scheme == "redis+sentinel":
         service, _, db = parts.path.strip("/").partition("/")
         if not service or (db and not db.isdigit()):
             raise ValueError(f"expected redis+sentinel://host:port[,host:port]/service[/db], got {url!r}")
         sentinel = Sentinel(_host_ports(parts.netloc, url), **options)  # type: ignore[no-untyped-call]
         primary: Redis = sentinel.master_for(service, db=int(db or 0), **credentials)
-        return primary
+
+        async def current_primary() -> tuple[str, int]:
+            address: tuple[str, int] = await sentinel.discover_master(service)
+            return address
+
+        multiplexed = MultiplexedRedis(address=current_primary, db=int(db or 0), **credentials, **timeouts)
+        return Connections(primary, multiplexed)
     raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {url!r}")
+
+
+def client_from_url(url: str, **options: Any) -> RedisClient:
+    """A redis-py client for any URL form :func:`connect_url` takes."""
+    return connect_url(url, **options).client
 
 
 class RedisStore:
@@ -90,32 +126,59 @@ class RedisStore:
     ``<prefix>:done``; one shared subscription per store wakes every waiting repeat.
     """
 
-    def __init__(self, redis: RedisClient, *, prefix: str = "relay-idem") -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        prefix: str = "relay-idem",
+        min_replicas: int = 0,
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        multiplexed: MultiplexedRedis | None = None,
+    ) -> None:
+        replication = Replication(min_replicas, replica_timeout) if min_replicas else None
         self.redis = redis
         self.prefix = prefix
         self.channel = f"{prefix}:done"
-        self.lua_begin = redis.register_script(LUA_BEGIN)
-        self.lua_complete = redis.register_script(LUA_COMPLETE)
-        self.lua_release = redis.register_script(LUA_RELEASE)
-        self.lua_extend = redis.register_script(LUA_EXTEND)
+        self.scripts: ScriptRunner = (
+            MultiplexedRunner(multiplexed, replication) if multiplexed else RedisPyRunner(redis, replication)
+        )
         self.notifier = Notifier(redis, self.channel)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "relay-idem", **options: Any) -> RedisStore:
-        """A store on a new client for ``url``; ``options`` go to the redis-py client."""
-        return cls(client_from_url(url, **options), prefix=prefix)
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "relay-idem",
+        min_replicas: int = 0,
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        **options: Any,
+    ) -> RedisStore:
+        """A store for ``url`` (see :func:`connect_url`); ``options`` go to the redis-py client.
+
+        ``min_replicas=N`` makes every claim and completion wait up to ``replica_timeout`` seconds
+        for N replicas to acknowledge it (``WAIT``); fewer is a store error.
+        """
+        connections = connect_url(url, **options)
+        return cls(
+            connections.client,
+            prefix=prefix,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
+            multiplexed=connections.multiplexed,
+        )
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, ResponseError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def begin(self, key: str, fingerprint: bytes, lock_ttl: float) -> Claim:
         token = secrets.token_hex(16)
         record = Record(fingerprint, time.time())
         args = (encode_record(record), token, _milliseconds(lock_ttl))
-        existing = await self._call(lambda: self.lua_begin(keys=(key,), args=args))
+        existing = await self._call(lambda: self.scripts.run(LUA_BEGIN, key, args, replicated=True))
         if existing is None:
             return Claim(record, token)
         _owner, data = existing
@@ -123,14 +186,14 @@ class RedisStore:
 
     async def complete(self, key: str, token: str, record: Record, ttl: float) -> bool:
         args = (token, encode_record(record), _milliseconds(ttl), self.channel)
-        return bool(await self._call(lambda: self.lua_complete(keys=(key,), args=args)))
+        return bool(await self._call(lambda: self.scripts.run(LUA_COMPLETE, key, args, replicated=True)))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._call(lambda: self.lua_release(keys=(key,), args=(token, self.channel))))
+        return bool(await self._call(lambda: self.scripts.run(LUA_RELEASE, key, (token, self.channel))))
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
         args = (token, _milliseconds(lock_ttl))
-        return bool(await self._call(lambda: self.lua_extend(keys=(key,), args=args)))
+        return bool(await self._call(lambda: self.scripts.run(LUA_EXTEND, key, args)))
 
     async def wait(self, key: str, since: float, timeout: float) -> None:
         await self.notifier.wait(key, since, timeout)
@@ -146,8 +209,9 @@ class RedisStore:
         return bool(await self._call(lambda: self.redis.delete(key)))
 
     async def ping(self) -> None:
-        await self._call(self.redis.ping)
+        await self._call(self.scripts.ping)
 
     async def close(self) -> None:
         await self.notifier.close()
+        await self.scripts.close()
         await self.redis.aclose()
