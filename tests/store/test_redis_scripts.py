@@ -86,7 +86,11 @@ class Monitor:
             self.error = exc
 
     async def sent(self, client: Any, prefix: str, action: Callable[[], Awaitable[object]]) -> list[Command]:
-        """The commands sent while ``action`` ran: by ``client``'s connection or naming ``prefix``, not by scripts."""
+        """The commands the store sent while ``action`` ran (not those run by scripts).
+
+        A store may use several connections (a redis-py pool, a multiplexed connection for scripts):
+        every connection that named a key under ``prefix`` counts, and ``client``'s, which sends the markers.
+        """
         await client.echo(f"{self.marker}-start")
         await action()
         await client.echo(f"{self.marker}-end")
@@ -95,14 +99,15 @@ class Monitor:
         names = [command.args[1:2] for command in self.commands]
         start = names.index((f"{self.marker}-start".encode(),))
         end = names.index((f"{self.marker}-end".encode(),))
-        connection = self.commands[start].client
-        during = self.commands[start + 1 : end]
+        during = [command for command in self.commands[start + 1 : end] if not command.from_script]
+        # The store's connections: the one the markers went over, and any that named our keys.
+        connections = {self.commands[start].client} | {
+            command.client for command in during if any(prefix.encode() in arg for arg in command.args)
+        }
         return [
             command
             for command in during
-            if not command.from_script
-            and command.name not in ("SUBSCRIBE", "UNSUBSCRIBE")
-            and (command.client == connection or any(prefix.encode() in arg for arg in command.args))
+            if command.client in connections and command.name not in ("SUBSCRIBE", "UNSUBSCRIBE")
         ]
 
     def script_commands(self) -> list[Command]:
@@ -114,7 +119,7 @@ async def redis_store(redis_url: str, prefix: str) -> AsyncIterator[RedisStore]:
     store = RedisStore.from_url(redis_url, prefix=prefix)
     await store.ping()
     yield store
-    keys = [key async for key in store.redis.scan_iter(match=f"{prefix}:*")]
+    keys = [key async for key in store.redis.scan_iter(match=f"{prefix}:*", count=10_000)]
     if keys:
         await store.redis.delete(*keys)
     await store.close()
