@@ -45,7 +45,7 @@ def parse_key(raw: bytes) -> str:
         raise InvalidKey("the key is empty")
     if len(value) > MAX_KEY_LENGTH:
         raise InvalidKey(f"the key is longer than {MAX_KEY_LENGTH} characters")
-    if not all("!" <= char <= "~" for char in value):
+    if not (value.isascii() and value.isprintable()) or " " in value:
         raise InvalidKey("the key may only contain visible ASCII characters")
     return value
 

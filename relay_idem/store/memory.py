@@ -7,12 +7,10 @@ import contextlib
 import heapq
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from relay_idem.store.base import Claim, Record, RecordInfo
-
-# How long a key's last change is remembered for waiters that looked just before it.
-CHANGE_MEMORY_SECONDS = 5.0
+from relay_idem.store.changes import RecentChanges
 
 
 @dataclass(slots=True)
@@ -20,24 +18,6 @@ class _Entry:
     record: Record
     expires_at: float
     token: str | None = None
-
-
-@dataclass(slots=True)
-class _Changes:
-    """When each key last changed, and the waiters to wake when it changes again."""
-
-    changed_at: dict[str, float] = field(default_factory=dict)
-    events: dict[str, asyncio.Event] = field(default_factory=dict)
-
-    def notify(self, key: str) -> None:
-        now = time.monotonic()
-        self.changed_at[key] = now
-        event = self.events.pop(key, None)
-        if event is not None:
-            event.set()
-        if len(self.changed_at) > 1024:
-            horizon = now - CHANGE_MEMORY_SECONDS
-            self.changed_at = {k: t for k, t in self.changed_at.items() if t >= horizon}
 
 
 class MemoryStore:
@@ -51,7 +31,14 @@ class MemoryStore:
         self.prefix = prefix
         self._entries: dict[str, _Entry] = {}
         self._expiries: list[tuple[float, str]] = []
-        self._changes = _Changes()
+        self._changes = RecentChanges()
+        self._events: dict[str, asyncio.Event] = {}
+
+    def _notify(self, key: str) -> None:
+        self._changes.mark(key)
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
 
     def _live(self, key: str, now: float) -> _Entry | None:
         entry = self._entries.get(key)
@@ -89,14 +76,14 @@ class MemoryStore:
         if entry is not None and entry.token != token:
             return False
         self._put(key, _Entry(record, time.monotonic() + ttl))
-        self._changes.notify(key)
+        self._notify(key)
         return True
 
     async def release(self, key: str, token: str) -> bool:
         if self._owned(key, token) is None:
             return False
         del self._entries[key]
-        self._changes.notify(key)
+        self._notify(key)
         return True
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
@@ -108,14 +95,14 @@ class MemoryStore:
         return True
 
     async def wait(self, key: str, since: float, timeout: float) -> None:
-        if self._changes.changed_at.get(key, float("-inf")) >= since:
+        if self._changes.changed_since(key, since):
             return
         entry = self._live(key, time.monotonic())
         if entry is None or entry.token is None:
             return
         # An owner that vanished without releasing frees the key when its lease ends.
         timeout = min(timeout, entry.expires_at - time.monotonic())
-        event = self._changes.events.setdefault(key, asyncio.Event())
+        event = self._events.setdefault(key, asyncio.Event())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
@@ -128,7 +115,7 @@ class MemoryStore:
         if self._live(key, time.monotonic()) is None:
             return False
         del self._entries[key]
-        self._changes.notify(key)
+        self._notify(key)
         return True
 
     async def ping(self) -> None:

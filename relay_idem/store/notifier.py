@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from redis.exceptions import RedisError
+
+from relay_idem.store.changes import RecentChanges
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +17,6 @@ logger = logging.getLogger(__name__)
 # ever published for it) is taken over soon after its lease ends: at most 2 store commands a second.
 POLL_INTERVAL = 0.5
 RECONNECT_DELAY = 0.5
-# How long a key's last change is remembered for waiters that looked just before it.
-CHANGE_MEMORY_SECONDS = 5.0
 
 
 class Notifier:
@@ -27,12 +26,12 @@ class Notifier:
         self._redis = redis
         self._channel = channel
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._changed_at: dict[str, float] = {}
+        self._changes = RecentChanges()
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
     async def wait(self, key: str, since: float, timeout: float) -> None:
-        if self._changed_at.get(key, float("-inf")) >= since:
+        if self._changes.changed_since(key, since):
             return
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen(), name="relay-idem-notifier")
@@ -55,14 +54,10 @@ class Notifier:
                 self._waiters.pop(key, None)
 
     def _notify(self, key: str) -> None:
-        now = time.monotonic()
-        self._changed_at[key] = now
+        self._changes.mark(key)
         for waiter in self._waiters.pop(key, ()):
             if not waiter.done():
                 waiter.set_result(None)
-        if len(self._changed_at) > 1024:
-            horizon = now - CHANGE_MEMORY_SECONDS
-            self._changed_at = {k: t for k, t in self._changed_at.items() if t >= horizon}
 
     async def _listen(self) -> None:
         while True:
