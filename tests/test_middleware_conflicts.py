@@ -1,0 +1,302 @@
+"""SPEC §3.4 and §3.5 through the middleware: a repeat while the first runs, and a key reused for another request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from relay_idem import IdempotencyMiddleware, MemoryStore, Store
+from relay_idem.fingerprint import request_fingerprint
+from relay_idem.keys import record_key
+from relay_idem.scopes import ANONYMOUS_SCOPE
+from tests.apps import Counter, Echo, Message, Result, Slow, Statuses, call, client, idem, make_scope
+
+pytestmark = pytest.mark.anyio
+
+# SPEC §3.4: a waiting repeat gets the replay within this long of the first request's completion.
+REPLAY_BOUND = 0.05
+
+
+def problem_type(result: Result) -> str:
+    assert result.header(b"content-type") == b"application/problem+json"
+    kind: str = json.loads(result.body)["type"]
+    return kind
+
+
+def retry_after(result: Result) -> int:
+    value = result.header(b"retry-after")
+    assert value is not None
+    assert value.isdigit()
+    return int(value)
+
+
+def fingerprint_of(**request: Any) -> bytes:
+    """The default fingerprint of a request built by ``make_scope(**request)`` with an empty body."""
+    return request_fingerprint(make_scope(**request), b"")
+
+
+async def start_first(middleware: IdempotencyMiddleware, app: Slow | Statuses, key: str = "k") -> asyncio.Task[Result]:
+    """Start a request and return once the app is running it."""
+    task = asyncio.create_task(call(middleware, headers=idem(key)))
+    await asyncio.wait_for(app.started.wait(), 2.0)
+    return task
+
+
+# --- §3.4 a repeat while the first is running -------------------------------------------------------
+
+
+async def test_reject_mode_repeat_while_running_is_409_with_retry_after(store: Store) -> None:
+    gate = asyncio.Event()
+    app = Slow(gate)
+    middleware = IdempotencyMiddleware(app, store=store)
+    first = await start_first(middleware, app)
+    repeat = await call(middleware, headers=idem("k"))
+    assert repeat.status == 409
+    assert problem_type(repeat).endswith("/key-in-progress")
+    assert retry_after(repeat) >= 1
+    gate.set()
+    assert (await first).status == 200
+    replay = await call(middleware, headers=idem("k"))
+    assert replay.body == b"call 1"
+    assert replay.header(b"idempotent-replayed") == b"true"
+    assert app.calls == 1
+
+
+async def test_wait_mode_repeat_gets_the_replay_within_50ms_of_completion(store: Store) -> None:
+    gate = asyncio.Event()
+    app = Slow(gate)
+    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=5)
+    finished: list[float] = []
+
+    async def note_finish(message: Message, result: Result) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            finished.append(time.monotonic())
+
+    first = asyncio.create_task(call(middleware, headers=idem("k"), on_send=note_finish))
+    await asyncio.wait_for(app.started.wait(), 2.0)
+    repeats = [asyncio.create_task(call(middleware, headers=idem("k"))) for _ in range(3)]
+    await asyncio.sleep(0.15)  # the repeats are parked, waiting
+    assert not any(repeat.done() for repeat in repeats)
+    gate.set()
+    first_result = await first
+    results = []
+    for repeat in repeats:
+        result = await asyncio.wait_for(repeat, 2.0)
+        results.append((result, time.monotonic()))
+    for result, _ in results:
+        assert result.status == 200
+        assert result.body == first_result.body == b"call 1"
+        assert result.header(b"idempotent-replayed") == b"true"
+    assert max(done_at for _, done_at in results) - finished[0] < REPLAY_BOUND
+    assert app.calls == 1
+
+
+async def test_wait_mode_repeat_past_wait_timeout_is_409(store: Store) -> None:
+    gate = asyncio.Event()
+    app = Slow(gate)
+    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=0.3)
+    first = await start_first(middleware, app)
+    started = time.monotonic()
+    repeat = await call(middleware, headers=idem("k"))
+    elapsed = time.monotonic() - started
+    gate.set()
+    await first
+    assert repeat.status == 409
+    assert problem_type(repeat).endswith("/key-in-progress")
+    assert retry_after(repeat) >= 1
+    assert 0.3 <= elapsed < 0.6
+    assert app.calls == 1
+
+
+async def test_wait_mode_over_max_waiters_is_409_at_once() -> None:
+    gate = asyncio.Event()
+    app = Slow(gate)
+    middleware = IdempotencyMiddleware(app, on_conflict="wait", wait_timeout=5, max_waiters=2)
+    first = await start_first(middleware, app)
+    waiting = [asyncio.create_task(call(middleware, headers=idem("k"))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    over = await call(middleware, headers=idem("k"))
+    assert time.monotonic() - started < 0.05
+    assert over.status == 409
+    assert problem_type(over).endswith("/key-in-progress")
+    assert retry_after(over) >= 1
+    gate.set()
+    await first
+    assert [(await task).status for task in waiting] == [200, 200]
+    assert middleware.waiting == 0
+    assert app.calls == 1
+
+
+async def test_wait_mode_with_max_waiters_0_rejects_every_repeat() -> None:
+    gate = asyncio.Event()
+    app = Slow(gate)
+    middleware = IdempotencyMiddleware(app, on_conflict="wait", wait_timeout=5, max_waiters=0)
+    first = await start_first(middleware, app)
+    assert (await call(middleware, headers=idem("k"))).status == 409
+    gate.set()
+    await first
+
+
+async def test_wait_mode_released_first_request_lets_one_waiter_take_over_and_execute(store: Store) -> None:
+    gate = asyncio.Event()
+    app = Statuses(503, 201, gate=gate)
+    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=5)
+    first = await start_first(middleware, app)
+    waiters = [asyncio.create_task(call(middleware, headers=idem("k"))) for _ in range(3)]
+    await asyncio.sleep(0.15)
+    gate.set()
+    assert (await first).status == 503
+    results = [await asyncio.wait_for(waiter, 2.0) for waiter in waiters]
+    assert app.calls == 2  # the first, and exactly one waiter that took over
+    assert [result.status for result in results] == [201, 201, 201]
+    assert {result.body for result in results} == {b"call 2: 201"}
+    replayed = [result.header(b"idempotent-replayed") for result in results]
+    assert sorted(replayed, key=lambda value: value or b"") == [None, b"true", b"true"]
+
+
+async def test_wait_mode_waiter_takes_over_a_claim_whose_owner_vanished(store: Store) -> None:
+    app = Counter()
+    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=3)
+    key = record_key(store.prefix, ANONYMOUS_SCOPE, "k")
+    # A process that died holding the claim: never completed nor released.
+    abandoned = await store.begin(key, fingerprint_of(headers=idem("k")), 0.2)
+    assert abandoned.acquired
+    started = time.monotonic()
+    result = await call(middleware, headers=idem("k"))
+    assert result.status == 200
+    assert result.body == b"call 1"
+    assert time.monotonic() - started < 1.5
+    assert app.calls == 1
+
+
+async def test_reject_mode_after_an_expired_claim_executes() -> None:
+    store = MemoryStore()
+    app = Counter()
+    middleware = IdempotencyMiddleware(app, store=store)
+    await store.begin(record_key(store.prefix, ANONYMOUS_SCOPE, "k"), fingerprint_of(headers=idem("k")), 0.05)
+    assert (await call(middleware, headers=idem("k"))).status == 409
+    await asyncio.sleep(0.1)
+    assert (await call(middleware, headers=idem("k"))).body == b"call 1"
+
+
+async def test_many_concurrent_repeats_execute_once_in_both_modes() -> None:
+    for mode in ("reject", "wait"):
+        app = Slow(delay=0.05)
+        middleware = IdempotencyMiddleware(app, on_conflict=mode)
+        async with client(middleware) as http:
+            responses = await asyncio.gather(
+                *(http.post("/", headers={"Idempotency-Key": "k"}, content=b"same") for _ in range(50))
+            )
+        statuses = [response.status_code for response in responses]
+        assert app.calls == 1
+        assert set(statuses) <= {200, 409}
+        assert {response.content for response in responses if response.status_code == 200} == {b"call 1"}
+        if mode == "wait":
+            assert statuses == [200] * 50
+
+
+# --- §3.5 same key, different request -------------------------------------------------------------
+
+
+async def test_same_key_different_body_is_422_and_keeps_the_first_record() -> None:
+    app = Echo()
+    middleware = IdempotencyMiddleware(app)
+    await call(middleware, headers=idem("k"), body=b"first")
+    other = await call(middleware, headers=idem("k"), body=b"second")
+    assert other.status == 422
+    assert problem_type(other).endswith("/key-reused")
+    assert app.calls == 1
+    assert (await call(middleware, headers=idem("k"), body=b"first")).body == b"first"
+
+
+async def test_same_key_different_body_while_in_progress_is_422_in_both_modes() -> None:
+    for mode in ("reject", "wait"):
+        gate = asyncio.Event()
+        app = Slow(gate)
+        middleware = IdempotencyMiddleware(app, on_conflict=mode, wait_timeout=5)
+        first = await start_first(middleware, app)
+        started = time.monotonic()
+        other = await call(middleware, headers=idem("k"), body=b"different")
+        assert time.monotonic() - started < 0.1  # not made to wait for a response it cannot have
+        assert other.status == 422
+        gate.set()
+        await first
+
+
+async def test_on_mismatch_replay_returns_the_stored_response() -> None:
+    app = Echo()
+    middleware = IdempotencyMiddleware(app, on_mismatch="replay")
+    await call(middleware, headers=idem("k"), body=b"first")
+    other = await call(middleware, headers=idem("k"), body=b"second")
+    assert other.status == 200
+    assert other.body == b"first"
+    assert other.header(b"idempotent-replayed") == b"true"
+    assert app.calls == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"path": "/v1/other"}, {"method": "PATCH"}, {"query_string": b"dry_run=1"}],
+    ids=["path", "method", "query"],
+)
+async def test_same_key_on_another_endpoint_is_422_not_a_replay(change: dict[str, object]) -> None:
+    app = Counter()
+    middleware = IdempotencyMiddleware(app)
+    await call(middleware, path="/v1/messages", headers=idem("k"))
+    other = await call(middleware, **{"path": "/v1/messages", "headers": idem("k"), **change})  # type: ignore[arg-type]
+    assert other.status == 422
+    assert problem_type(other).endswith("/key-reused")
+    assert app.calls == 1
+
+
+async def test_fingerprint_json_ignores_key_order_and_whitespace() -> None:
+    app = Echo()
+    middleware = IdempotencyMiddleware(app, fingerprint="json")
+    first = await call(middleware, headers=idem("k"), body=b'{"to":"+1555","text":"hi"}')
+    same = await call(middleware, headers=idem("k"), body=b'{\n  "text": "hi",\n  "to": "+1555"\n}')
+    other = await call(middleware, headers=idem("k"), body=b'{"to":"+1555","text":"bye"}')
+    assert same.status == 200
+    assert same.body == first.body  # the stored response, not this request's bytes
+    assert same.header(b"idempotent-replayed") == b"true"
+    assert other.status == 422
+    assert app.calls == 1
+
+
+async def test_fingerprint_raw_treats_reordered_json_as_a_different_request() -> None:
+    app = Echo()
+    middleware = IdempotencyMiddleware(app)
+    await call(middleware, headers=idem("k"), body=b'{"a":1,"b":2}')
+    assert (await call(middleware, headers=idem("k"), body=b'{"b":2,"a":1}')).status == 422
+
+
+async def test_fingerprint_json_of_a_deeply_nested_body_is_not_a_500() -> None:
+    app = Echo()
+    middleware = IdempotencyMiddleware(app, fingerprint="json")
+    body = b"[" * 50_000
+    first = await call(middleware, headers=idem("k"), body=body)
+    assert first.status == 200
+    assert (await call(middleware, headers=idem("k"), body=body)).header(b"idempotent-replayed") == b"true"
+
+
+async def test_fingerprint_headers_take_part_in_the_fingerprint() -> None:
+    app = Counter()
+    middleware = IdempotencyMiddleware(app, fingerprint_headers=("X-Account",))
+    await call(middleware, headers=idem("k", (b"x-account", b"a")))
+    same = await call(middleware, headers=idem("k", (b"x-account", b"a"), (b"x-trace", b"9")))
+    other = await call(middleware, headers=idem("k", (b"x-account", b"b")))
+    assert same.header(b"idempotent-replayed") == b"true"
+    assert other.status == 422
+    assert app.calls == 1
+
+
+async def test_headers_are_not_part_of_the_fingerprint_by_default() -> None:
+    app = Counter()
+    middleware = IdempotencyMiddleware(app)
+    await call(middleware, headers=idem("k", (b"x-account", b"a"), (b"user-agent", b"one")))
+    replay = await call(middleware, headers=idem("k", (b"x-account", b"b"), (b"user-agent", b"two")))
+    assert replay.header(b"idempotent-replayed") == b"true"
