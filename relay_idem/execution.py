@@ -47,13 +47,22 @@ class Execution:
         self.client_gone = False
         self.renewal_timer: asyncio.TimerHandle | None = None
         self.renewal: asyncio.Task[None] | None = None
+        # What the app sees as scope["extensions"]["idempotency"]. An app that knows its response
+        # means "not processed" (the proxy, when its upstream could not be connected to) sets
+        # "processed" to False before responding: the key is then released whatever the status.
+        self.claim_extension: dict[str, object] = {
+            "key": request.key,
+            "scope": request.tenant,
+            "token": claim.token,
+            "processed": True,
+        }
 
     def app_scope(self) -> dict[str, object]:
         scope = self.request.scope
         extensions = {
             name: value for name, value in (scope.get("extensions") or {}).items() if name not in UNCOPYABLE_EXTENSIONS
         }
-        extensions["idempotency"] = {"key": self.request.key, "scope": self.request.tenant, "token": self.token}
+        extensions["idempotency"] = self.claim_extension
         return {**scope, "extensions": extensions}
 
     async def run(self) -> None:
@@ -132,7 +141,7 @@ class Execution:
         assert self.start is not None
         self.stop_renewal()
         status: int = self.start["status"]
-        if not self.config.final_status(status):
+        if self.claim_extension["processed"] is False or not self.config.final_status(status):
             await self.release()
             return
         headers = tuple(end_to_end(self.start.get("headers", ())))

@@ -1,0 +1,159 @@
+"""Config: the proxy's settings, shared by the CLI, the proxy app, its worker processes and the tests.
+
+One flag, one keyword, one attribute, with the same name (uvicorn's ``main() -> run() -> Config``).
+A config travels to ``--workers`` processes as JSON in an environment variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from relay_idem.options import ConflictPolicy, FingerprintMode, IdempotencyConfig, MismatchPolicy, StoreErrorPolicy
+from relay_idem.scopes import authorization_scope, header_scope
+from relay_idem.store import MemoryStore, RedisStore, Store
+from relay_idem.upstream import UpstreamClientName
+
+# The environment variable that carries a Config to worker processes.
+WORKER_CONFIG_ENV = "_RELAY_IDEM_WORKER_CONFIG"
+DEFAULT_PREFIX = "relay-idem"
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; its message is one line, meant for the person who set it."""
+
+
+def check_http_url(name: str, url: str) -> str:
+    """``url`` if it is an absolute http(s) URL with a host, else :class:`ConfigError`."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{name} {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL with a host, not {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must not have a query or a fragment: {url!r}")
+    del port
+    return url
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+
+
+def check_redis_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in REDIS_SCHEMES or "://" not in url:
+        raise ConfigError(f"--redis must be a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL, not {url!r}")
+    return url
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``relay-idem proxy`` is started with. Middleware options mirror :class:`IdempotencyConfig`."""
+
+    upstream: str
+    redis: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    prefix: str = DEFAULT_PREFIX
+    upstream_timeout: float = 60.0
+    upstream_client: UpstreamClientName = "aiohttp"
+    min_replicas: int = 0
+    log_level: LogLevel = "info"
+    access_log: bool = False
+    # Middleware options (SPEC §1).
+    header_name: str = "Idempotency-Key"
+    methods: tuple[str, ...] = ("POST", "PATCH")
+    require_key: tuple[str, ...] = ()
+    ttl: float = 86_400.0
+    lock_ttl: float = 10.0
+    on_conflict: ConflictPolicy = "reject"
+    wait_timeout: float = 10.0
+    on_mismatch: MismatchPolicy = "reject"
+    fingerprint: FingerprintMode = "raw"
+    fingerprint_header: tuple[str, ...] = ()
+    scope_header: str | None = None
+    max_waiters: int = 1000
+    max_request_bytes: int = 1024 * 1024
+    max_response_bytes: int = 1024 * 1024
+    on_store_error: StoreErrorPolicy = "closed"
+
+    def __post_init__(self) -> None:
+        check_http_url("--upstream", self.upstream)
+        if self.redis is not None:
+            check_redis_url(self.redis)
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, not {self.workers}")
+        if self.workers > 1 and self.redis is None:
+            raise ConfigError(
+                f"--workers {self.workers} needs --redis: the memory store is not shared between processes"
+            )
+        if self.min_replicas < 0:
+            raise ConfigError(f"--min-replicas must not be negative, not {self.min_replicas}")
+        if self.min_replicas and self.redis is None:
+            raise ConfigError("--min-replicas needs --redis")
+        if not self.upstream_timeout > 0:
+            raise ConfigError(f"--upstream-timeout must be positive, not {self.upstream_timeout}")
+        try:
+            self.idempotency()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def idempotency(self) -> IdempotencyConfig:
+        """The middleware's options."""
+        return IdempotencyConfig(
+            header_name=self.header_name,
+            methods=tuple(method.upper() for method in self.methods),
+            require_key=self.require_key,
+            ttl=self.ttl,
+            lock_ttl=self.lock_ttl,
+            on_conflict=self.on_conflict,
+            wait_timeout=self.wait_timeout,
+            on_mismatch=self.on_mismatch,
+            fingerprint=self.fingerprint,
+            fingerprint_headers=self.fingerprint_header,
+            scope=header_scope(self.scope_header) if self.scope_header else authorization_scope,
+            max_waiters=self.max_waiters,
+            max_request_bytes=self.max_request_bytes,
+            max_response_bytes=self.max_response_bytes,
+            on_store_error=self.on_store_error,
+        )
+
+    def open_store(self) -> Store:
+        """A new store for this config: Redis with ``--redis``, else the memory store."""
+        return open_store(self.redis, prefix=self.prefix, min_replicas=self.min_replicas)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        fields: dict[str, Any] = json.loads(text)
+        for name, value in fields.items():
+            if isinstance(value, list):
+                fields[name] = tuple(value)
+        return cls(**fields)
+
+    @classmethod
+    def from_environment(cls) -> Config:
+        """The config a ``--workers`` parent left for its workers."""
+        text = os.environ.get(WORKER_CONFIG_ENV)
+        if text is None:
+            raise RuntimeError(f"{WORKER_CONFIG_ENV} is not set: start workers with `relay-idem proxy --workers N`")
+        return cls.from_json(text)
+
+
+def open_store(redis: str | None, *, prefix: str = DEFAULT_PREFIX, min_replicas: int = 0) -> Store:
+    """``RedisStore`` for a URL, the memory store for None. ``min_replicas`` is passed on only when set."""
+    if redis is None:
+        return MemoryStore(prefix=prefix)
+    options: dict[str, Any] = {"min_replicas": min_replicas} if min_replicas else {}
+    return RedisStore.from_url(redis, prefix=prefix, **options)
