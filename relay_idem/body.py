@@ -6,6 +6,17 @@ from starlette.types import Receive
 
 from relay_idem.exceptions import ClientDisconnected
 
+# More digits than any body limit needs: longer Content-Length values are taken as "huge", since
+# int() refuses more than 4300 digits.
+MAX_LENGTH_DIGITS = 18
+
+
+def declared_length(value: bytes | None) -> int | None:
+    """The length a ``Content-Length`` value declares, or None if it is not a number."""
+    if not value or not value.isdigit():
+        return None
+    return int(value) if len(value) <= MAX_LENGTH_DIGITS else 10**MAX_LENGTH_DIGITS
+
 
 class BodyTooLarge(Exception):
     """The body is larger than the limit: declared by Content-Length or counted while reading."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay_idem.body import BodyTooLarge, read_body
+from relay_idem.body import BodyTooLarge, declared_length, read_body
 from relay_idem.exceptions import ClientDisconnected, StoreUnavailable
 from relay_idem.execution import Execution
 from relay_idem.fingerprint import request_fingerprint
@@ -98,7 +98,7 @@ class IdempotencyMiddleware:
             body = await read_body(
                 receive,
                 limit=self.config.max_request_bytes,
-                content_length=int(content_length) if content_length and content_length.isdigit() else None,
+                content_length=declared_length(content_length),
             )
         except BodyTooLarge:
             OUTCOME["invalid"].inc()
