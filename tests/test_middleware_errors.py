@@ -163,6 +163,7 @@ async def test_retry_after_is_a_whole_number_of_seconds_at_least_1(retry_after: 
         pytest.param([b"x" * 11], b"11", id="declared-content-length"),
         pytest.param([b"x" * 6, b"x" * 6], None, id="counted-while-streaming"),
         pytest.param([b"x" * 6, b"x" * 6], b"5", id="more-than-declared"),
+        pytest.param([b"x"], b"9" * 5000, id="declared-with-5000-digits"),
     ],
 )
 async def test_body_over_max_request_bytes_is_413_and_app_not_called(body: list[bytes], declared: bytes | None) -> None:

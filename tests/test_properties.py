@@ -171,3 +171,18 @@ def test_arbitrary_request_bodies_never_give_a_5xx(body: bytes, mode: str) -> No
     result = run(call(middleware, headers=idem("k"), body=body))
     assert result.status == 200
     assert result.body == body
+
+
+@SETTINGS
+@given(
+    value=st.one_of(
+        st.binary(max_size=30),
+        st.text(alphabet="0123456789", min_size=1, max_size=6000).map(str.encode),
+    )
+)
+def test_arbitrary_content_length_values_never_give_a_5xx(value: bytes) -> None:
+    app = Echo()
+    middleware = IdempotencyMiddleware(app, store=MemoryStore(), max_request_bytes=100)
+    result = run(call(middleware, headers=[*idem("k"), (b"content-length", value)], body=b"body"))
+    assert result.status in (200, 413)
+    assert (result.status == 200) == (app.calls == 1)
