@@ -31,6 +31,7 @@ UPSTREAM_CLIENTS: tuple[UpstreamClientName, ...] = ("httpx", "aiohttp")
 # so the pool rarely hands out a connection the upstream is closing at that moment.
 KEEPALIVE_EXPIRY = 4.0
 MAX_CONNECTIONS = 512
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class UpstreamError(RelayIdemError):
@@ -167,7 +168,11 @@ class AiohttpUpstream:
                 timeout=self.timeout,
                 auto_decompress=False,
                 skip_auto_headers=self.SKIP_AUTO_HEADERS,
+                # One session serves every client of the proxy: it must never replay an upstream's cookies.
                 cookie_jar=aiohttp.DummyCookieJar(),
+                # As lenient as uvicorn in front of it, rather than aiohttp's 8 KiB default.
+                max_line_size=MAX_HEADER_BYTES,
+                max_field_size=MAX_HEADER_BYTES,
             )
         return self.session
 
