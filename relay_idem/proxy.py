@@ -46,7 +46,8 @@ RELAY_NOT_FOUND = Problem("relay-endpoint-not-found", 404, "No such relay-idem e
 # /_relay/readyz answers within this many seconds even if the store hangs (SPEC §6a: 3 s).
 READY_TIMEOUT = 2.0
 # Request headers the proxy sets itself (SPEC §6a); whatever the client sent under these names goes.
-FORWARDED_REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Expect goes too: by the time the upstream is called, the proxy has the body (uvicorn sent the 100).
+FORWARDED_REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
 
 
 def forwarded_headers(scope: Scope) -> RawHeaders:

@@ -97,7 +97,11 @@ class _HttpxResponse:
 
 
 class HttpxUpstream:
-    """:class:`Upstream` on one ``httpx.AsyncClient``; ``transport`` lets tests swap the network out."""
+    """:class:`Upstream` on one ``httpx.AsyncClient``; ``transport`` lets tests swap the network out.
+
+    With ``httpx.MockTransport``, answer with ``httpx.Response(..., stream=httpx.ByteStream(body))``:
+    a response built with ``content=`` is read at once, and its raw stream is gone.
+    """
 
     def __init__(self, base_url: str, *, timeout: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")

@@ -21,6 +21,7 @@ from relay_idem.metrics import OUTCOME
 from relay_idem.proxy import build_proxy_app, forwarded_headers, request_body, request_target
 from relay_idem.upstream import (
     UPSTREAM_CLIENTS,
+    HttpxUpstream,
     RawHeaders,
     RequestBody,
     Upstream,
@@ -104,6 +105,7 @@ def test_forwarded_headers_drop_hop_by_hop_and_add_x_forwarded() -> None:
             (b"x-forwarded-for", b"10.0.0.2"),
             (b"x-forwarded-proto", b"https"),
             (b"x-forwarded-host", b"spoofed.example"),
+            (b"expect", b"100-continue"),
             (b"authorization", b"Bearer t"),
             (b"accept", b"a"),
             (b"accept", b"b"),
@@ -368,6 +370,45 @@ async def test_clients_add_no_headers_and_keep_no_cookies_of_their_own(client: s
         # No User-Agent, Accept-Encoding, ... and no Cookie remembered from the first response.
         assert sorted(line.split(":")[0].lower() for line in header_lines) == ["host", "x-mine"]
     assert bodies == [b"\x1f\x8b\x00\x00"] * 2  # passed on as sent, never decompressed
+
+
+@pytest.mark.parametrize("client", UPSTREAM_CLIENTS)
+async def test_an_upstream_url_with_a_path_prefixes_every_target(client: str) -> None:
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    async with raw_server(record) as url:
+        upstream = open_upstream(client, f"{url}/api/", timeout=2)  # type: ignore[arg-type]
+        try:
+            response = await upstream.send("DELETE", "/v1/messages/7", [], None)
+            assert response.status == 204
+            await response.close()
+        finally:
+            await upstream.close()
+    assert seen[0].startswith(b"DELETE /api/v1/messages/7 HTTP/1.1\r\n")
+
+
+async def test_the_httpx_client_takes_an_injected_transport() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url == "http://upstream.test/v1/messages?x=1"
+        assert request.headers["x-forwarded-proto"] == "http"
+        # stream=, not content=: httpx reads content= at once, and the proxy passes raw bytes on.
+        return httpx.Response(
+            201, headers=[("set-cookie", "a=1"), ("set-cookie", "b=2")], stream=httpx.ByteStream(b"made")
+        )
+
+    upstream = HttpxUpstream("http://upstream.test", timeout=1, transport=httpx.MockTransport(handler))
+    async with proxy_client(upstream) as client:
+        response = await client.post("/v1/messages?x=1", content=MESSAGE, headers=keyed("mock"))
+        repeat = await client.post("/v1/messages?x=1", content=MESSAGE, headers=keyed("mock"))
+    await upstream.close()
+    assert (response.status_code, response.content) == (201, b"made")
+    assert repeat.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert repeat.headers["idempotent-replayed"] == "true"
 
 
 # --- the proxy's own endpoints -------------------------------------------------------------------
