@@ -33,14 +33,13 @@ def check_http_url(name: str, url: str) -> str:
     """``url`` if it is an absolute http(s) URL with a host, else :class:`ConfigError`."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        has_valid_port = parts.port is None or parts.port >= 0  # .port raises on a bad one
     except ValueError as exc:
         raise ConfigError(f"{name} {url!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not has_valid_port:
         raise ConfigError(f"{name} must be an http:// or https:// URL with a host, not {url!r}")
     if parts.query or parts.fragment:
         raise ConfigError(f"{name} must not have a query or a fragment: {url!r}")
-    del port
     return url
 
 

@@ -24,6 +24,8 @@ from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs
 
+from tests.apps import read_request_body, respond
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -42,21 +44,7 @@ def big_body(size: int) -> bytes:
     return (pattern * (size // len(pattern) + 1))[:size]
 
 
-async def read_body(receive: Any) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return body
-        body += message.get("body", b"")
-        if not message.get("more_body", False):
-            return body
-
-
-async def respond(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [*(headers or [(b"content-type", b"application/json")]), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+JSON = [(b"content-type", b"application/json")]
 
 
 def release_event(name: str) -> asyncio.Event:
@@ -72,13 +60,13 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     query = {name: values[0] for name, values in parse_qs(scope["query_string"].decode()).items()}
     name = query.get("id", "")
     path = scope["path"]
-    body = await read_body(receive)
+    body = await read_request_body(receive)
     if path == "/calls":
         document = {"calls": calls[name], "started": calls[f"started:{name}"]}
-        await respond(send, 200, json.dumps(document).encode())
+        await respond(send, 200, json.dumps(document).encode(), JSON)
     elif path == "/release":
         release_event(name).set()
-        await respond(send, 200, b"{}")
+        await respond(send, 200, b"{}", JSON)
     elif path == "/echo":
         calls[name] += 1
         document = {
@@ -89,12 +77,12 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             "body_size": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
         }
-        await respond(send, 200, json.dumps(document).encode())
+        await respond(send, 200, json.dumps(document).encode(), JSON)
     elif path == "/work":
         calls[f"started:{name}"] += 1
         await asyncio.sleep(float(query.get("seconds", "0")))
         calls[name] += 1
-        await respond(send, int(query.get("status", "200")), json.dumps({"run": uuid.uuid4().hex}).encode())
+        await respond(send, int(query.get("status", "200")), json.dumps({"run": uuid.uuid4().hex}).encode(), JSON)
     elif path == "/stream":
         calls[name] += 1
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
@@ -125,4 +113,4 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         ]
         await respond(send, 200, b"cookies", headers)
     else:
-        await respond(send, 404, b'{"error": "no such path"}')
+        await respond(send, 404, b'{"error": "no such path"}', JSON)
