@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import logging
 import time
-from typing import Any
+from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,7 +16,13 @@ from relay_idem.execution import Execution
 from relay_idem.fingerprint import request_fingerprint
 from relay_idem.keys import InvalidKey, parse_key, record_key
 from relay_idem.metrics import OUTCOME, STORE_TIME
-from relay_idem.options import IdempotencyConfig
+from relay_idem.options import (
+    ConflictPolicy,
+    FingerprintMode,
+    IdempotencyConfig,
+    MismatchPolicy,
+    StoreErrorPolicy,
+)
 from relay_idem.problems import (
     DUPLICATE_KEY_HEADER,
     INVALID_KEY,
@@ -27,10 +33,13 @@ from relay_idem.problems import (
     STORE_UNAVAILABLE,
     send_problem,
 )
+from relay_idem.scopes import ScopeFunction
 from relay_idem.store.base import Claim, Store, StoredResponse
 from relay_idem.store.memory import MemoryStore
 
 logger = logging.getLogger(__name__)
+
+OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(IdempotencyConfig))
 
 # Seconds a client is told to wait before repeating a request that is still in progress, or after
 # the store failed.
@@ -54,16 +63,39 @@ class IdempotencyMiddleware:
     """Enforces the ``Idempotency-Key`` header on an ASGI app (pure ASGI, no ``BaseHTTPMiddleware``).
 
     ``store=None`` means a fresh :class:`~relay_idem.MemoryStore`. Options are the fields of
-    :class:`~relay_idem.IdempotencyConfig`; keyword options override ``config``.
+    :class:`~relay_idem.IdempotencyConfig`; keyword options override ``config``. They are spelled
+    out rather than taken as ``**options`` so that ``app.add_middleware(IdempotencyMiddleware, …)``
+    type-checks: mypy cannot match ``**kwargs: Any`` against Starlette's middleware ParamSpec.
     """
 
     def __init__(
-        self, app: ASGIApp, store: Store | None = None, config: IdempotencyConfig | None = None, **options: Any
+        self,
+        app: ASGIApp,
+        store: Store | None = None,
+        config: IdempotencyConfig | None = None,
+        *,
+        header_name: str | None = None,
+        methods: Collection[str] | None = None,
+        require_key: Collection[str] | None = None,
+        ttl: float | None = None,
+        lock_ttl: float | None = None,
+        on_conflict: ConflictPolicy | None = None,
+        wait_timeout: float | None = None,
+        on_mismatch: MismatchPolicy | None = None,
+        fingerprint: FingerprintMode | None = None,
+        fingerprint_headers: Collection[str] | None = None,
+        scope: ScopeFunction | None = None,
+        max_waiters: int | None = None,
+        final_status: Callable[[int], bool] | None = None,
+        max_request_bytes: int | None = None,
+        max_response_bytes: int | None = None,
+        on_store_error: StoreErrorPolicy | None = None,
     ) -> None:
+        given = {name: value for name, value in locals().items() if name in OPTION_NAMES and value is not None}
         config = config or IdempotencyConfig()
         self.app = app
         self.store: Store = store if store is not None else MemoryStore()
-        self.config = dataclasses.replace(config, **options) if options else config
+        self.config = dataclasses.replace(config, **given) if given else config
         self.methods = frozenset(method.upper() for method in self.config.methods)
         self.header = self.config.header_name.lower().encode("latin-1")
         self.required_paths = tuple(self.config.require_key)
