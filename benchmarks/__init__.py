@@ -1,0 +1,1 @@
+"""relay-idem benchmark harness: ``python -m benchmarks --help`` (see benchmarks/README.md)."""

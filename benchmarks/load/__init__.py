@@ -1,0 +1,24 @@
+"""Load generators: ``wrk`` with a Lua script, or a built-in asyncio fallback with the same figures."""
+
+from __future__ import annotations
+
+import shutil
+
+from benchmarks.load.base import BODY, PATH, LoadResult, LoadSpec
+from benchmarks.load.pygen import run_python
+from benchmarks.load.wrk import run_wrk, wrk_version
+
+__all__ = ["BODY", "PATH", "LoadResult", "LoadSpec", "pick", "run", "run_python", "run_wrk", "wrk_version"]
+
+
+def pick(choice: str) -> str:
+    """Resolve ``auto`` to ``wrk`` when it is on PATH, else ``python``."""
+    if choice == "auto":
+        return "wrk" if shutil.which("wrk") else "python"
+    if choice == "wrk" and not shutil.which("wrk"):
+        raise RuntimeError("--loadgen wrk: wrk is not on PATH (apt-get install wrk)")
+    return choice
+
+
+def run(generator: str, spec: LoadSpec) -> LoadResult:
+    return run_wrk(spec) if generator == "wrk" else run_python(spec)

@@ -1,0 +1,122 @@
+"""Smoke test of the benchmark harness (benchmarks/): every scenario runs and produces numbers.
+
+No thresholds: timing belongs to ``python -m benchmarks``, not to the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import grid
+from benchmarks.load.wrk import parse_output
+from benchmarks.monitor import count_lines
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 120
+
+needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not on PATH")
+
+
+def run_harness(out: Path, *args: str) -> dict[str, object]:
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *args]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"{command} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert (out / "results.json").is_file()
+    assert (out / "RESULTS.md").is_file()
+    document: dict[str, object] = json.loads((out / "results.json").read_text())
+    return document
+
+
+def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
+    runs = document["runs"]
+    assert isinstance(runs, list)
+    assert sorted(run["scenario"] for run in runs) == sorted(expected)
+    for run in runs:
+        assert "error" not in run, run
+        load = run["load"]
+        assert load["requests"] > 0, run
+        assert load["rps"] > 0, run
+        assert load["p50_ms"] > 0 and load["p99_ms"] >= load["p50_ms"], run
+        assert run["executed_per_request"] is not None, run
+        assert set(run["cpu_us_per_request"]) >= {"app", "redis"}, run
+        if run["mode"] == "storm":
+            assert run["storm"]["keys"] > 0, run
+    markdown = (Path(str(document["settings"]["out_dir"])) / "RESULTS.md").read_text()  # type: ignore[index]
+    for name in expected:
+        assert f"| {name} |" in markdown
+
+
+@pytest.mark.slow
+@needs_redis_server
+@pytest.mark.parametrize(
+    "target", ["bare", "asgi-idempotency-header", "fastapi-idempotency", "relay-idem", "relay-idem-proxy"]
+)
+def test_quick_run_gives_numbers_for_every_scenario(tmp_path: Path, target: str) -> None:
+    (chosen,) = [t for t in grid.TARGETS if t.name == target]
+    if chosen.missing():
+        pytest.skip(f"{target} needs {chosen.missing()}: pip install -r benchmarks/requirements.txt")
+    expected = [s.name for s in grid.all_scenarios() if s.target is chosen]
+    document = run_harness(tmp_path, "--scenarios", ",".join(expected))
+    assert_numbers(document, expected)
+    for run in document["runs"]:  # type: ignore[attr-defined]
+        if chosen.redis_commands and run["mode"] != "storm":
+            assert run["redis_commands"]["requests"] > 0
+            assert run["redis_commands"]["non_2xx"] == 0
+        if run["scenario"] == "bare":
+            assert run["redis_commands"]["per_request"] == 0
+
+
+@pytest.mark.slow
+@needs_redis_server
+def test_builtin_load_generator(tmp_path: Path) -> None:
+    document = run_harness(tmp_path, "--scenarios", "bare", "--loadgen", "python")
+    assert_numbers(document, ["bare"])
+    assert document["runs"][0]["load"]["generator"] == "python"  # type: ignore[index]
+
+
+def test_wrk_result_line_is_parsed() -> None:
+    stdout = (
+        "Running 1s test @ http://127.0.0.1:1/v1/messages\n"
+        'BENCH_RESULT {"requests": 1000, "duration_us": 1000000, "sent": 1032, "p50_us": 2900, "p90_us": 4000, '
+        '"p99_us": 7900, "max_us": 9000, "mean_us": 3000.5, "errors": {"connect": 0, "read": 1, "write": 0, '
+        '"status": 7, "timeout": 0}, "status": {"2xx": 990, "3xx": 0, "409": 3, "4xx": 2, "5xx": 5}}\n'
+    )
+    result = parse_output(stdout)
+    assert result.rps == 1000
+    assert result.p99_ms == 7.9
+    assert result.non_2xx == 10
+    assert result.errors == {"connect": 0, "read": 1, "write": 0, "timeout": 0}
+
+
+def test_monitor_lines_inside_lua_are_not_counted() -> None:
+    lines = [
+        '1732737000.100000 [0 127.0.0.1:5000] "EVALSHA" "abc" "1" "k"',
+        '1732737000.100001 [0 lua] "get" "k"',
+        '1732737000.100002 [0 lua] "set" "k" "v"',
+        '1732737000.100003 [0 127.0.0.1:5000] "GET" "k"',
+        '1732737000.100004 [0 127.0.0.1:5001] "CLIENT" "SETINFO" "LIB-NAME" "redis-py"',
+        '1732737000.100005 [0 127.0.0.1:9999] "ECHO" "end"',
+    ]
+    counted = count_lines(lines, requests=2, ignore_clients=["127.0.0.1:9999"])
+    assert counted.per_request == 1.0
+    assert counted.commands == {"evalsha": 1, "get": 1}
+    assert counted.lua == 2
+    assert counted.setup == {"client": 1}
+
+
+def test_scenario_selection() -> None:
+    default = grid.select(None)
+    assert default[0].name == "bare"
+    assert [s for s in grid.all_scenarios() if s.target.enabled] == default
+    assert [s.name for s in grid.select("relay-idem-first")] == ["relay-idem-first"]
+    assert [s.name for s in grid.select("bare")] == ["bare"]
+    assert len(grid.select("fastapi-idempotency")) == 4
+    assert [s.name for s in grid.select("bare*")] == ["bare", "bare-storm"]
+    with pytest.raises(ValueError, match="no scenario matches"):
+        grid.select("nope")
