@@ -27,7 +27,8 @@ What it handles, and how:
   dropped when it arrives, so replies never shift onto the wrong caller.
 
 - Where to connect: a fixed host/port or Unix socket, or an ``address`` coroutine asked again
-  before every connection (Sentinel names the current primary that way).
+  before every connection (Sentinel names the current primary that way; the store's primary
+  watcher calls :meth:`MultiplexedRedis.reset` when :attr:`~MultiplexedRedis.peer` is no longer it).
 
 Left to redis-py, which :class:`~relay_idem.store.redis_store.RedisStore` keeps beside this
 connection: TLS, Cluster slot routing, pub/sub, and anything blocking (it would stall every
@@ -174,6 +175,7 @@ class MultiplexedRedis:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._protocol: _RedisProtocol | None = None
+        self._peer: tuple[str, int] | None = None
         self._connect_lock = asyncio.Lock()
         self._scripts: dict[str, bytes] = {}
 
@@ -224,8 +226,17 @@ class MultiplexedRedis:
                 raise reply
         return list(replies)
 
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        """The server (host, port) the open connection goes to; None when closed or on a Unix socket."""
+        protocol = self._protocol
+        return self._peer if protocol is not None and not protocol.is_closed else None
+
     def reset(self, reason: str) -> None:
-        """Drop the connection (say, after ``READONLY`` from a demoted primary); the next call reconnects."""
+        """Drop the connection (after ``READONLY``, or once Sentinel names another primary); the next call reconnects.
+
+        Pending calls fail with :class:`ConnectionError`.
+        """
         if self._protocol is not None:
             self._protocol.abort(reason)
             self._protocol = None
@@ -256,6 +267,7 @@ class MultiplexedRedis:
                 else:
                     host, port = await self.address() if self.address is not None else (self.host, self.port)
                     _, protocol = await loop.create_connection(factory, host, port)
+                    self._peer = (str(host), int(port))
                 try:
                     await self._handshake(protocol)
                 except BaseException:

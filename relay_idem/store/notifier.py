@@ -1,4 +1,12 @@
-"""One shared Redis subscription per store that wakes the repeats waiting on a key (``on_conflict="wait"``)."""
+"""One shared Redis subscription per store that wakes the repeats waiting on a key (``on_conflict="wait"``).
+
+The subscription follows the topology: on Cluster it may sit on any node (a ``PUBLISH`` from a
+script reaches subscribers on every node), and after it fails it moves to the next node, since
+redis-py's ``ClusterPubSub`` would stay on a dead one; behind Sentinel the primary watcher moves
+it when Sentinel names another primary (:meth:`Notifier.follow_primary`). While it is down, waiters
+look at their key every ``POLL_INTERVAL``; once it stands again, every waiter looks at once, since
+messages published meanwhile were missed.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,11 @@ import contextlib
 import logging
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from relay_idem.store.changes import RecentChanges
+from relay_idem.store.topology import Address, is_teardown_race
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +39,9 @@ class Notifier:
         self._changes = RecentChanges()
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # listeners cancelled by _restart, closing
+        self._pubsub: Any = None  # the current listener's subscription
+        self._failures = 0
 
     async def wait(self, key: str, since: float, timeout: float) -> None:
         if self._changes.changed_since(key, since):
@@ -59,25 +72,68 @@ class Notifier:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _wake_everyone(self) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _open(self) -> Any:
+        if not isinstance(self._redis, RedisCluster):
+            return self._redis.pubsub(ignore_subscribe_messages=True)
+        await self._redis.initialize()
+        nodes = self._redis.get_nodes()
+        if not nodes:
+            raise RedisClusterException("no cluster node is known")
+        # Any node hears every PUBLISH; after a failure, the next one.
+        node = nodes[self._failures % len(nodes)]
+        return self._redis.pubsub(node=node, ignore_subscribe_messages=True)
+
     async def _listen(self) -> None:
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: Any = None
             try:
+                pubsub = self._pubsub = await self._open()
                 await pubsub.subscribe(self._channel)
                 self._subscribed.set()
+                self._wake_everyone()
                 async for message in pubsub.listen():
                     self._notify(message["data"].decode())
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError, AttributeError) as exc:
+                if isinstance(exc, AttributeError) and not is_teardown_race(exc):
+                    raise
+                self._failures += 1
                 logger.warning("relay-idem: subscription to %s lost (%s); retrying", self._channel, exc)
             finally:
-                self._subscribed.clear()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                if self._pubsub is pubsub:
+                    self._subscribed.clear()
+                    self._pubsub = None
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError, AttributeError):
+                        await pubsub.aclose()
             await asyncio.sleep(RECONNECT_DELAY)
 
-    async def close(self) -> None:
+    def follow_primary(self, primary: Address) -> None:
+        """Resubscribe if the subscription is on a server other than ``primary`` (Sentinel's answer)."""
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is None or connection.host is None:
+            return
+        if (str(connection.host), int(connection.port)) != primary:
+            logger.warning("relay-idem: moving the subscription to %s to the new primary", self._channel)
+            self._restart()
+
+    def _restart(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+            self._retiring.add(self._listener)
+            self._listener.add_done_callback(self._retiring.discard)
+        self._subscribed.clear()
+        self._pubsub = None
+        self._listener = asyncio.create_task(self._listen(), name="relay-idem-notifier")
+
+    async def close(self) -> None:
+        listeners = [*self._retiring, *([self._listener] if self._listener is not None else [])]
+        self._listener = None
+        for listener in listeners:
+            listener.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)

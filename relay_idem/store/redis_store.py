@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import RedisError
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import RedisClusterException, RedisError
 
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.base import Claim, Record, RecordInfo
@@ -24,10 +27,12 @@ from relay_idem.store.scripts import (
     LUA_EXTEND,
     LUA_RELEASE,
     MultiplexedRunner,
+    NotReplicated,
     RedisPyRunner,
     Replication,
     ScriptRunner,
 )
+from relay_idem.store.topology import PrimaryWatcher, is_teardown_race
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -54,10 +59,12 @@ def _host_ports(netloc: str, url: str) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True, slots=True)
 class Connections:
-    """What ``from_url`` opens: a redis-py client, and the multiplexed connection where one fits."""
+    """What ``from_url`` opens: a redis-py client, the multiplexed connection where one fits, and
+    for Sentinel the watcher that keeps both on the current primary."""
 
     client: RedisClient
     multiplexed: MultiplexedRedis | None
+    watcher: PrimaryWatcher | None = None
 
 
 def connect_url(url: str, **options: Any) -> Connections:
@@ -95,6 +102,9 @@ def connect_url(url: str, **options: Any) -> Connections:
         return Connections(client, multiplexed)
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(host, port) for host, port in _host_ports(parts.netloc, url)]
+        # Every 5th MOVED, redis-py would close every connection, including those other tasks are
+        # still opening (README, known issues); a MOVED updates the slot table either way.
+        options.setdefault("reinitialize_steps", 0)
         return Connections(RedisCluster(startup_nodes=nodes, **credentials, **options), None)
     if parts.scheme == "redis+sentinel":
         service, _, db = parts.path.strip("/").partition("/")
@@ -102,13 +112,14 @@ def connect_url(url: str, **options: Any) -> Connections:
             raise ValueError(f"expected redis+sentinel://host:port[,host:port]/service[/db], got {url!r}")
         sentinel = Sentinel(_host_ports(parts.netloc, url), **options)  # type: ignore[no-untyped-call]
         primary: Redis = sentinel.master_for(service, db=int(db or 0), **credentials)
+        primary_pool = cast(SentinelConnectionPool, primary.connection_pool)
 
         async def current_primary() -> tuple[str, int]:
-            address: tuple[str, int] = await sentinel.discover_master(service)
-            return address
+            host, port = await primary_pool.get_master_address()  # type: ignore[no-untyped-call]
+            return str(host), int(port)
 
         multiplexed = MultiplexedRedis(address=current_primary, db=int(db or 0), **credentials, **timeouts)
-        return Connections(primary, multiplexed)
+        return Connections(primary, multiplexed, PrimaryWatcher(primary_pool, multiplexed))
     raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {url!r}")
 
 
@@ -124,6 +135,10 @@ class RedisStore:
     operation is one ``EVALSHA`` of a script that touches only that key, so the same scripts run on
     a standalone server, behind Sentinel and on Cluster. Completions and releases are published on
     ``<prefix>:done``; one shared subscription per store wakes every waiting repeat.
+
+    On first use, a Cluster client learns the slot table before any command is sent (redis-py
+    would route commands issued meanwhile to a random node: README, known issues), and a
+    Sentinel ``watcher`` starts following the primary; :meth:`close` stops it.
     """
 
     def __init__(
@@ -134,15 +149,22 @@ class RedisStore:
         min_replicas: int = 0,
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
         multiplexed: MultiplexedRedis | None = None,
+        watcher: PrimaryWatcher | None = None,
     ) -> None:
         replication = Replication(min_replicas, replica_timeout) if min_replicas else None
         self.redis = redis
         self.prefix = prefix
         self.channel = f"{prefix}:done"
-        self.scripts: ScriptRunner = (
-            MultiplexedRunner(multiplexed, replication) if multiplexed else RedisPyRunner(redis, replication)
-        )
+        self.scripts: ScriptRunner = RedisPyRunner(redis, replication)
+        if multiplexed is not None:
+            replicated = self.scripts if replication is not None else None
+            self.scripts = MultiplexedRunner(multiplexed, replicated)
         self.notifier = Notifier(redis, self.channel)
+        self.watcher = watcher
+        if watcher is not None:
+            watcher.followers.append(self.notifier.follow_primary)
+        self._ready = not isinstance(redis, RedisCluster) and watcher is None
+        self._ready_lock = asyncio.Lock()
 
     @classmethod
     def from_url(
@@ -166,19 +188,44 @@ class RedisStore:
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
             multiplexed=connections.multiplexed,
+            watcher=connections.watcher,
         )
+
+    async def _get_ready(self) -> None:
+        async with self._ready_lock:
+            if self._ready:
+                return
+            if isinstance(self.redis, RedisCluster):
+                await self.redis.initialize()
+            if self.watcher is not None:
+                self.watcher.start()
+            self._ready = True
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
+            if not self._ready:
+                await self._get_ready()
             return await operation()
-        except (RedisError, OSError, ResponseError) as exc:
+        except (RedisError, RedisClusterException, OSError, ResponseError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except AttributeError as exc:
+            if not is_teardown_race(exc):
+                raise
+            raise StoreUnavailable(f"redis-py closed a connection it was opening: {exc}") from exc
 
     async def begin(self, key: str, fingerprint: bytes, lock_ttl: float) -> Claim:
         token = secrets.token_hex(16)
         record = Record(fingerprint, time.time())
         args = (encode_record(record), token, _milliseconds(lock_ttl))
-        existing = await self._call(lambda: self.scripts.run(LUA_BEGIN, key, args, replicated=True))
+        try:
+            existing = await self._call(lambda: self.scripts.run(LUA_BEGIN, key, args, replicated=True))
+        except NotReplicated as exc:
+            if exc.reply is None:
+                # The claim was written but not replicated: a store error before the claim, so
+                # release it, or the retry would see "in progress" until the lease ends.
+                with contextlib.suppress(StoreUnavailable):
+                    await self.release(key, token)
+            raise
         if existing is None:
             return Claim(record, token)
         _owner, data = existing
@@ -212,6 +259,8 @@ class RedisStore:
         await self._call(self.scripts.ping)
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.close()
         await self.notifier.close()
         await self.scripts.close()
         await self.redis.aclose()

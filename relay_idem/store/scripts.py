@@ -2,7 +2,9 @@
 
 Both run a script as one ``EVALSHA`` that reloads it after ``NOSCRIPT``. With ``min_replicas``,
 a write is followed by ``WAIT`` on the same connection, as ``WAIT`` only counts the writes of the
-connection it is sent on.
+connection it is sent on. Those pairs go over redis-py's pooled connections, never the
+multiplexed one: Redis answers nothing else on a connection while a ``WAIT`` blocks it, so one
+slow replica would stall every call of the process queued behind it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from importlib.resources import files
 from typing import Any, Protocol
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError
 
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.multiplexed import Arg, MultiplexedRedis, ResponseError
@@ -27,6 +30,14 @@ LUA_EXTEND = _load_script("extend.lua")
 SCRIPTS = (LUA_BEGIN, LUA_COMPLETE, LUA_RELEASE, LUA_EXTEND)
 
 
+class NotReplicated(StoreUnavailable):
+    """Fewer than ``min_replicas`` replicas acknowledged a write in time; ``reply`` is the script's own reply."""
+
+    def __init__(self, message: str, reply: Any) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 class Replication:
     """``min_replicas``: how many replicas must acknowledge a write, and how long they may take."""
 
@@ -39,10 +50,11 @@ class Replication:
     def command(self) -> tuple[Arg, ...]:
         return ("WAIT", self.min_replicas, self.timeout_ms)
 
-    def check(self, acknowledged: int) -> None:
+    def check(self, acknowledged: int, reply: Any) -> None:
         if acknowledged < self.min_replicas:
-            raise StoreUnavailable(
-                f"{acknowledged} of {self.min_replicas} replicas acknowledged the write in {self.timeout_ms} ms"
+            raise NotReplicated(
+                f"{acknowledged} of {self.min_replicas} replicas acknowledged the write in {self.timeout_ms} ms",
+                reply,
             )
 
 
@@ -55,21 +67,21 @@ class ScriptRunner(Protocol):
 
 
 class MultiplexedRunner:
-    """Scripts over one pipelined connection per process: the fast path for standalone and Sentinel."""
+    """Scripts over one pipelined connection per process: the fast path for standalone and Sentinel.
 
-    def __init__(self, connection: MultiplexedRedis, replication: Replication | None) -> None:
+    With ``replicated``, the writes that must wait for replicas go through that runner instead.
+    """
+
+    def __init__(self, connection: MultiplexedRedis, replicated: RedisPyRunner | None = None) -> None:
         self.connection = connection
-        self.replication = replication
+        self.replicated = replicated
         self.shas = {script: connection.register_script(script) for script in SCRIPTS}
 
     async def run(self, script: str, key: str, args: tuple[Arg, ...], *, replicated: bool = False) -> Any:
-        command = ("EVALSHA", self.shas[script], 1, key, *args)
+        if replicated and self.replicated is not None:
+            return await self.replicated.run(script, key, args, replicated=True)
         try:
-            if replicated and self.replication is not None:
-                reply, acknowledged = await self.connection.execute_pipelined(command, self.replication.command())
-                self.replication.check(acknowledged)
-                return reply
-            return await self.connection.execute(*command)
+            return await self.connection.execute("EVALSHA", self.shas[script], 1, key, *args)
         except ResponseError as exc:
             if str(exc).startswith("READONLY"):
                 # A failover demoted the server we talk to: ask Sentinel again on the next call.
@@ -84,7 +96,7 @@ class MultiplexedRunner:
 
 
 class RedisPyRunner:
-    """Scripts through a redis-py client: for Cluster, TLS and clients the caller made."""
+    """Scripts through a redis-py client: for Cluster, TLS, clients the caller made, and ``min_replicas``."""
 
     def __init__(self, redis: Redis | RedisCluster, replication: Replication | None) -> None:
         if replication is not None and isinstance(redis, RedisCluster):
@@ -94,15 +106,40 @@ class RedisPyRunner:
         self.scripts = {script: redis.register_script(script) for script in SCRIPTS}
 
     async def run(self, script: str, key: str, args: tuple[Arg, ...], *, replicated: bool = False) -> Any:
-        if not (replicated and self.replication is not None):
-            return await self.scripts[script](keys=(key,), args=args)
-        assert isinstance(self.redis, Redis)
-        async with self.redis.pipeline(transaction=False) as pipeline:
-            await self.scripts[script](keys=(key,), args=args, client=pipeline)
-            pipeline.execute_command(*self.replication.command())
-            reply, acknowledged = await pipeline.execute()
-        self.replication.check(acknowledged)
-        return reply
+        if isinstance(self.redis, RedisCluster):
+            try:
+                return await self.redis.evalsha(self.scripts[script].sha, 1, key, *args)
+            except NoScriptError:
+                # After a failover the new primary lacks the script. EVAL runs and caches it on the
+                # key's own node; redis-py's Script would SCRIPT LOAD on every primary, and fail
+                # while any one of them is down.
+                return await self.redis.eval(script, 1, key, *args)
+        if replicated and self.replication is not None:
+            return await self.run_replicated(self.redis, self.replication, script, key, args)
+        return await self.scripts[script](keys=(key,), args=args)
+
+    async def run_replicated(
+        self, redis: Redis, replication: Replication, script: str, key: str, args: tuple[Arg, ...]
+    ) -> Any:
+        """``EVALSHA`` and ``WAIT`` in one round trip on one pooled connection (``EVAL`` after ``NOSCRIPT``).
+
+        Not redis-py's pipelined Script, which asks ``SCRIPT EXISTS`` first on every call.
+        """
+        command: tuple[Arg, ...] = ("EVALSHA", self.scripts[script].sha, 1, key, *args)
+        for _ in range(2):
+            async with redis.pipeline(transaction=False) as pipeline:
+                pipeline.execute_command(*command)
+                pipeline.execute_command(*replication.command())
+                reply, acknowledged = await pipeline.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                command = ("EVAL", script, 1, key, *args)
+                continue
+            for outcome in (reply, acknowledged):
+                if isinstance(outcome, Exception):
+                    raise outcome
+            replication.check(acknowledged, reply)
+            return reply
+        raise StoreUnavailable(f"Redis reported the script missing twice: {reply}")
 
     async def ping(self) -> None:
         await self.redis.ping()
