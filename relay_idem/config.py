@@ -99,6 +99,10 @@ class Config:
             raise ConfigError(f"--min-replicas must not be negative, not {self.min_replicas}")
         if self.min_replicas and self.redis is None:
             raise ConfigError("--min-replicas needs --redis")
+        if self.min_replicas and self.redis is not None and urlsplit(self.redis).scheme == "redis+cluster":
+            raise ConfigError(
+                "--min-replicas is not supported on Redis Cluster (redis+cluster://): use a standalone or Sentinel URL"
+            )
         if not self.upstream_timeout > 0:
             raise ConfigError(f"--upstream-timeout must be positive, not {self.upstream_timeout}")
         try:
