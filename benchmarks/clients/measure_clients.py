@@ -9,6 +9,10 @@ round, and the table shows medians. CPU is ``time.process_time()`` (every thread
 process, so valkey-glide's Rust threads count) and ``time.thread_time()`` of the event
 loop thread; Redis CPU comes from ``INFO cpu``. By default a private ``redis-server`` is
 started on a free port (``--port`` uses an existing one instead; it is FLUSHDB'd).
+
+coredis and valkey-glide are not dependencies of relay-idem: ``pip install coredis valkey-glide``
+to measure them too; a client whose package is not installed is skipped with a line saying so.
+The results and the choice made from them: benchmarks/clients/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -120,6 +125,16 @@ CLIENTS: dict[str, tuple[str, Factory]] = {
     "multiplexed": ("(e) multiplexed.py, 0.5 s per-call timeout", _multiplexed(0.5)),
     "multiplexed-notimeout": ("(e') multiplexed.py, no per-call timeout", _multiplexed(None)),
 }
+
+
+# Clients that need a package relay-idem does not depend on: name -> (module, PyPI package).
+OPTIONAL = {"coredis": ("coredis", "coredis"), "glide": ("glide", "valkey-glide")}
+
+
+def missing_package(name: str) -> str | None:
+    """The PyPI package to install for client ``name``, when it is not importable; else None."""
+    module, package = OPTIONAL.get(name, ("redis", "redis"))
+    return package if importlib.util.find_spec(module) is None else None
 
 
 def redis_cpu(port: int) -> float:
@@ -261,6 +276,11 @@ def main() -> None:
         parser.error(f"unknown clients: {', '.join(sorted(unknown))}")
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     errors: dict[str, str] = {}
+    for name in names:
+        package = missing_package(name)
+        if package is not None:
+            errors[name] = f"skipped: {package} is not installed (pip install {package})"
+            print(f"skipping {name}: {package} is not installed (pip install {package})", file=sys.stderr)
     started = time.monotonic()
     with redis_server(args.port) as port:
         for round_ in range(args.rounds):
@@ -290,7 +310,8 @@ def main() -> None:
         label = CLIENTS[name][0]
         runs = results[name]
         if not runs:
-            print(f"| {label} | failed: {errors.get(name, '?')} | | | | |")
+            error = errors.get(name, "?")
+            print(f"| {label} | {error if error.startswith('skipped') else 'failed: ' + error} | | | | |")
             continue
 
         def med(field: str, runs: list[dict[str, Any]] = runs) -> float:
