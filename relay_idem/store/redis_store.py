@@ -19,7 +19,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.base import Claim, Record, RecordInfo
 from relay_idem.store.codec import decode_record, encode_record
-from relay_idem.store.multiplexed import MultiplexedRedis, ResponseError
+from relay_idem.store.multiplexed import Arg, MultiplexedRedis, ResponseError
 from relay_idem.store.notifier import Notifier
 from relay_idem.store.scripts import (
     LUA_BEGIN,
@@ -128,6 +128,18 @@ def client_from_url(url: str, **options: Any) -> RedisClient:
     return connect_url(url, **options).client
 
 
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, ResponseError, AttributeError)
+
+
+def store_unavailable(exc: Exception) -> StoreUnavailable:
+    """The store error ``exc`` means; an ``AttributeError`` that is not redis-py's teardown race is re-raised."""
+    if isinstance(exc, AttributeError) and not is_teardown_race(exc):
+        raise exc
+    if isinstance(exc, AttributeError):
+        return StoreUnavailable(f"redis-py closed a connection it was opening: {exc}")
+    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+
+
 class RedisStore:
     """The :class:`~relay_idem.Store` contract on Redis.
 
@@ -206,19 +218,24 @@ class RedisStore:
             if not self._ready:
                 await self._get_ready()
             return await operation()
-        except (RedisError, RedisClusterException, OSError, ResponseError) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except AttributeError as exc:
-            if not is_teardown_race(exc):
-                raise
-            raise StoreUnavailable(f"redis-py closed a connection it was opening: {exc}") from exc
+        except STORE_ERRORS as exc:
+            raise store_unavailable(exc) from exc
+
+    async def _run(self, script: str, key: str, args: tuple[Arg, ...], *, replicated: bool = False) -> Any:
+        """``_call`` for the scripts, without its closure: these run on every keyed request."""
+        try:
+            if not self._ready:
+                await self._get_ready()
+            return await self.scripts.run(script, key, args, replicated=replicated)
+        except STORE_ERRORS as exc:
+            raise store_unavailable(exc) from exc
 
     async def begin(self, key: str, fingerprint: bytes, lock_ttl: float) -> Claim:
         token = secrets.token_hex(16)
         record = Record(fingerprint, time.time())
         args = (encode_record(record), token, _milliseconds(lock_ttl))
         try:
-            existing = await self._call(lambda: self.scripts.run(LUA_BEGIN, key, args, replicated=True))
+            existing = await self._run(LUA_BEGIN, key, args, replicated=True)
         except NotReplicated as exc:
             if exc.reply is None:
                 # The claim was written but not replicated: a store error before the claim, so
@@ -233,14 +250,14 @@ class RedisStore:
 
     async def complete(self, key: str, token: str, record: Record, ttl: float) -> bool:
         args = (token, encode_record(record), _milliseconds(ttl), self.channel)
-        return bool(await self._call(lambda: self.scripts.run(LUA_COMPLETE, key, args, replicated=True)))
+        return bool(await self._run(LUA_COMPLETE, key, args, replicated=True))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._call(lambda: self.scripts.run(LUA_RELEASE, key, (token, self.channel))))
+        return bool(await self._run(LUA_RELEASE, key, (token, self.channel)))
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
         args = (token, _milliseconds(lock_ttl))
-        return bool(await self._call(lambda: self.scripts.run(LUA_EXTEND, key, args)))
+        return bool(await self._run(LUA_EXTEND, key, args))
 
     async def wait(self, key: str, since: float, timeout: float) -> None:
         await self.notifier.wait(key, since, timeout)
