@@ -18,6 +18,7 @@ class Mode(enum.StrEnum):
     REPLAY = "replay"  # one key for the whole run: every request after the first is a replay
     NOKEY = "nokey"  # no Idempotency-Key header at all
     STORM = "storm"  # bursts of concurrent duplicates of one key, against a slow app
+    SOAK = "soak"  # the proxy under a long run of unique keys, its RSS sampled every second
 
     @property
     def description(self) -> str:
@@ -29,9 +30,12 @@ _MODE_DESCRIPTIONS = {
     Mode.REPLAY: "same key (replay)",
     Mode.NOKEY: "no key",
     Mode.STORM: "conflict storm (duplicates in flight)",
+    Mode.SOAK: "proxy soak (unique keys, RSS over time)",
 }
 
 MIDDLEWARE_MODES = (Mode.FIRST, Mode.REPLAY, Mode.NOKEY, Mode.STORM)
+# Storms run with 1 and with 2 worker processes: an in-process store cannot see the other worker's keys.
+STORM_WORKERS = (1, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +81,11 @@ TARGETS: tuple[Target, ...] = (
         requires=("relay_idem",),
     ),
     # The proxy in front of the bare app; its ratios are to the bare app served directly.
+    # Its soak runs once per run (not per round), after the rounds.
     Target(
         "relay-idem-proxy",
         "benchmarks.apps.bare:app",
-        MIDDLEWARE_MODES,
+        (*MIDDLEWARE_MODES, Mode.SOAK),
         store="redis",
         requires=("relay_idem",),
         proxy=True,
@@ -92,22 +97,54 @@ TARGETS: tuple[Target, ...] = (
 class Scenario:
     target: Target
     mode: Mode
+    workers: int = 1  # uvicorn worker processes of the app (and of the proxy in front of it)
+
+    @property
+    def kind(self) -> str:
+        """The mode, plus ``-w<N>`` with more than one worker: a row of the summary table."""
+        return f"{self.mode}-w{self.workers}" if self.workers > 1 else str(self.mode)
 
     @property
     def name(self) -> str:
-        if self.target.name == "bare" and self.mode is Mode.NOKEY:
+        if self.target.name == "bare" and self.kind == Mode.NOKEY:
             return "bare"
-        return f"{self.target.name}-{self.mode}"
+        return f"{self.target.name}-{self.kind}"
+
+    @property
+    def description(self) -> str:
+        return describe_kind(self.kind)
 
     @property
     def baseline(self) -> str | None:
         """The scenario this one's throughput is divided by (same round), if any."""
-        base = "bare-storm" if self.mode is Mode.STORM else "bare"
+        if self.mode is Mode.SOAK:
+            return None
+        base = f"bare-{self.kind}" if self.mode is Mode.STORM else "bare"
         return None if base == self.name else base
 
 
+def describe_kind(kind: str) -> str:
+    """``storm-w2`` -> "conflict storm (duplicates in flight), 2 workers"."""
+    mode, _, workers = kind.partition("-w")
+    text = Mode(mode).description
+    if mode == Mode.STORM:
+        text += f", {workers or 1} worker{'s' if workers else ''}"
+    return text
+
+
+def kind_order(kind: str) -> tuple[int, int]:
+    """Sort key of summary rows: modes in grid order, then by workers."""
+    mode, _, workers = kind.partition("-w")
+    return list(Mode).index(Mode(mode)), int(workers or 1)
+
+
 def all_scenarios() -> list[Scenario]:
-    return [Scenario(target, mode) for target in TARGETS for mode in target.modes]
+    return [
+        Scenario(target, mode, workers)
+        for target in TARGETS
+        for mode in target.modes
+        for workers in (STORM_WORKERS if mode is Mode.STORM else (1,))
+    ]
 
 
 def select(patterns: str | None) -> list[Scenario]:

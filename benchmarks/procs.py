@@ -34,6 +34,7 @@ PROXY_COMMAND = (
 )  # fmt: skip
 READY_PATH = "/v1/stats"
 STOP_GRACE = 5.0
+WORKER_SETTLE = 0.5  # after every worker process exists: time for the last one to start serving
 _CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -52,6 +53,51 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a live process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (uvicorn's and the proxy's workers), ``pid`` first."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, queue = [pid], [pid]
+    while queue:
+        children = parents.get(queue.pop(), [])
+        tree += children
+        queue += children
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its live descendants."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # exited between listing and reading
+            total += cpu_seconds(member)
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (VmRSS in /proc/<pid>/status); 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_bytes(pid: int) -> tuple[int, int]:
+    """(summed RSS, number of processes) of ``pid`` and its live descendants."""
+    members = process_tree(pid)
+    return sum(rss_bytes(member) for member in members), len(members)
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -90,6 +136,7 @@ class Child:
     ) -> None:
         self.name = name
         self.log = log
+        self.url = ""  # base URL, for the servers
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -112,14 +159,20 @@ class Child:
             return ""
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_GRACE s; workers it leaves behind are killed too."""
         if self.proc.poll() is not None:
             return
+        descendants = process_tree(self.pid)[1:]
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(STOP_GRACE)
+        for pid in descendants:  # only those still in the session we started (pids may be reused)
+            with contextlib.suppress(OSError):
+                if os.getsid(pid) == self.pid:
+                    os.kill(pid, signal.SIGKILL)
 
 
 def redis_version() -> str:
@@ -178,28 +231,50 @@ def wait_ready(url: str, children: Sequence[Child], timeout: float = 30.0) -> No
             time.sleep(0.05)
 
 
-def uvicorn_argv(app: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port), *UVICORN_ARGS]
+def uvicorn_argv(app: str, port: int, workers: int = 1) -> list[str]:
+    argv = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port), *UVICORN_ARGS]
+    return argv + (["--workers", str(workers)] if workers > 1 else [])
+
+
+def wait_workers(children: Sequence[Child], workers: int, timeout: float = 30.0) -> None:
+    """With N workers, wait until each server has spawned them (the first to listen made it ready)."""
+    deadline = time.monotonic() + timeout
+    for child in children:
+        while len(process_tree(child.pid)) <= workers:  # the supervisor, N workers (+ helpers)
+            child.check_alive()
+            if time.monotonic() > deadline:
+                raise ProcessError(f"{child.name}: {workers} workers not started after {timeout:.0f}s")
+            time.sleep(0.05)
+    time.sleep(WORKER_SETTLE)
 
 
 @contextlib.contextmanager
-def serve(target: Target, env: Mapping[str, str], log_dir: Path, cwd: Path) -> Iterator[tuple[str, list[Child]]]:
-    """Start ``target`` (and the proxy in front of it); yield its base URL and processes, app first."""
+def serve(
+    target: Target, env: Mapping[str, str], log_dir: Path, cwd: Path, workers: int = 1
+) -> Iterator[tuple[str, list[Child]]]:
+    """Start ``target`` (and the proxy in front of it), each with ``workers`` worker processes.
+
+    Yields its base URL and the processes, app first; each child's ``url`` is its own base URL.
+    """
     children: list[Child] = []
     pythonpath = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, **env, "PYTHONPATH": pythonpath}
     try:
         app_port = free_port()
-        children.append(Child("app", uvicorn_argv(target.app, app_port), log_dir / "app.log", full_env, cwd))
-        base = f"http://{HOST}:{app_port}"
+        argv = uvicorn_argv(target.app, app_port, workers)
+        children.append(Child("app", argv, log_dir / "app.log", full_env, cwd))
+        base = children[-1].url = f"http://{HOST}:{app_port}"
         if target.proxy:
             wait_ready(base + READY_PATH, children)
             proxy_port = free_port()
             fields = {"upstream": base, "redis": env.get("BENCH_REDIS_URL", ""), "host": HOST, "port": str(proxy_port)}
             argv = [sys.executable, *(part.format(**fields) for part in PROXY_COMMAND)]
+            argv += ["--workers", str(workers)] if workers > 1 else []
             children.append(Child("proxy", argv, log_dir / "proxy.log", full_env, cwd))
-            base = f"http://{HOST}:{proxy_port}"
+            base = children[-1].url = f"http://{HOST}:{proxy_port}"
         wait_ready(base + READY_PATH, children)
+        if workers > 1:
+            wait_workers(children, workers)
         yield base, children
     finally:
         for child in reversed(children):

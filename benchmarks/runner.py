@@ -1,12 +1,13 @@
-"""Run the selected scenarios for N rounds (A B A B …), each in a fresh app process."""
+"""Run the selected scenarios for N rounds (A B A B …), each in a fresh app process; soaks once, after."""
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
-from dataclasses import dataclass
+from contextlib import closing, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from benchmarks.load.base import BODY, HEADERS, PATH, LoadSpec, key_for
 Progress = Callable[[str], None]
 PRIME_REQUESTS = 20  # sequential requests before the wrk warm-up: opens pools, primes the replay key
 SETTLE_SECONDS = 0.3  # after a load phase, for requests still in flight
+SOAK_SAMPLE_SECONDS = 1.0  # RSS sampling interval of the soak
+SOAK_PROGRESS_SECONDS = 15.0  # a progress line this often while the soak runs
+MB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +39,11 @@ class Settings:
     storm_burst: int
     storm_delay_ms: float
     monitor_requests: int
+    soak_requests: int  # unique-key requests the soak sends through the proxy
+    soak_limit: int  # ... in at most this many seconds
     quiet_pct: float  # before measuring, wait until other processes use less CPU than this (% of one CPU)
     quiet_timeout: float  # ... for at most this long (0: don't wait)
+    quiet_budget: float  # ... and for at most this long in the whole run
     out: Path
     repo: Path
 
@@ -67,10 +74,17 @@ def _storm_stats(counts: dict[bytes, bytes]) -> dict[str, int]:
     }
 
 
-def run_one(scenario: Scenario, round_no: int, redis_url: str, settings: Settings) -> dict[str, Any]:
+def _no_progress(line: str) -> None:
+    pass
+
+
+def run_one(
+    scenario: Scenario, round_no: int, redis_url: str, settings: Settings, progress: Progress = _no_progress
+) -> dict[str, Any]:
     """One scenario, one round: fresh Redis data, fresh app process; returns the JSON record."""
     target, mode = scenario.target, scenario.mode
-    record: dict[str, Any] = {"scenario": scenario.name, "target": target.name, "mode": str(mode), "round": round_no}
+    record: dict[str, Any] = {"scenario": scenario.name, "target": target.name, "mode": str(mode),
+                              "workers": scenario.workers, "round": round_no}  # fmt: skip
     missing = target.missing()
     if missing:
         raise RuntimeError(f"cannot import {', '.join(missing)} (pip install -r benchmarks/requirements.txt)")
@@ -85,12 +99,15 @@ def run_one(scenario: Scenario, round_no: int, redis_url: str, settings: Setting
     ):
         control.flushall()
         with (
-            procs.serve(target, env, log_dir, settings.repo) as (base, children),
+            procs.serve(target, env, log_dir, settings.repo, scenario.workers) as (base, children),
             httpx.Client(trust_env=False, timeout=10.0) as client,
         ):
             run = _Run(scenario, settings, redis_url, f"{scenario.name}-r{round_no}-{secrets.token_hex(4)}", base,
-                       children, client, control, counter, record)  # fmt: skip
-            run.measure()
+                       children, client, control, counter, record, progress)  # fmt: skip
+            if mode is Mode.SOAK:
+                run.soak()
+            else:
+                run.measure()
     return record
 
 
@@ -108,13 +125,16 @@ class _Run:
     control: redis.Redis
     counter: redis.Redis  # the app's per-key execution counts (storms)
     record: dict[str, Any]
+    progress: Progress
 
     def spec(self, phase: str, duration: float = 0, connections: int = 1) -> LoadSpec:
         # The replay key is the same in every phase (run_id + "-replay"); other modes get fresh keys per phase.
-        suffix = "" if self.scenario.mode is Mode.REPLAY else f"-{phase}"
+        mode = self.scenario.mode
+        suffix = "" if mode is Mode.REPLAY else f"-{phase}"
         return LoadSpec(
-            url=self.base, mode=str(self.scenario.mode), run_id=self.run_id + suffix, duration=duration,
-            connections=connections, threads=self.settings.threads, burst=self.settings.storm_burst,
+            url=self.base, mode=str(Mode.FIRST if mode is Mode.SOAK else mode), run_id=self.run_id + suffix,
+            duration=duration, connections=connections, threads=self.settings.threads,
+            burst=self.settings.storm_burst,
         )  # fmt: skip
 
     def settle(self) -> None:
@@ -122,9 +142,9 @@ class _Run:
         storm = self.scenario.mode is Mode.STORM
         time.sleep(SETTLE_SECONDS + (self.settings.storm_delay_ms / 1000 * 2 if storm else 0))
 
-    def measure(self) -> None:
-        """Prime, warm up, measure, count Redis commands; fills ``record``."""
-        settings, record, mode = self.settings, self.record, self.scenario.mode
+    def prepare(self) -> None:
+        """Prime (opens pools, stores the replay key), warm up, reset the counts, wait for a quiet machine."""
+        settings = self.settings
         url = self.base + PATH
         prime = self.spec("p")
         statuses = [_send(self.client, url, key_for(prime, 0, i)) for i in range(1, PRIME_REQUESTS + 1)]
@@ -135,37 +155,71 @@ class _Run:
             self.settle()
         self.counter.delete(EXECUTIONS_HASH)
         if settings.quiet_timeout > 0:
-            record["waited_for_quiet_s"] = round(procs.wait_quiet(settings.quiet_pct, settings.quiet_timeout), 1)
+            wait = procs.wait_quiet(settings.quiet_pct, settings.quiet_timeout)
+            self.record["waited_for_quiet_s"] = round(wait, 1)
 
-        before_exec = _dispatched(self.client, self.base)
+    def timed_load(self, spec: LoadSpec, stop: Callable[[], bool] | None = None) -> load.LoadResult:
+        """The measured load phase; adds the CPU figures (ours per request, other processes' as noise)."""
+        settings, record = self.settings, self.record
         pids = {child.name: child.pid for child in self.children}
         pids["redis"] = int(self.control.info("server")["process_id"])
-        cpu_before = {name: procs.cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before = {name: procs.tree_cpu_seconds(pid) for name, pid in pids.items()}
         machine_before, own_before = procs.machine_cpu_seconds(), procs.own_cpu_seconds()
         started = time.monotonic()
-        result = load.run(settings.generator, self.spec("m", settings.duration, settings.connections))
+        result = load.run(settings.generator, spec, stop)
         elapsed = time.monotonic() - started
         machine_after, own_after = procs.machine_cpu_seconds(), procs.own_cpu_seconds()
-        cpu_after = {name: procs.cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_after = {name: procs.tree_cpu_seconds(pid) for name, pid in pids.items()}
         ours = sum(cpu_after.values()) - sum(cpu_before.values()) + own_after - own_before
         # CPU that processes outside this run used meanwhile, in % of one CPU: a noise flag.
         record["foreign_cpu_pct"] = round(max(0.0, machine_after[0] - machine_before[0] - ours) * 100 / elapsed, 1)
         record["steal_cpu_pct"] = round((machine_after[1] - machine_before[1]) * 100 / elapsed, 1)
-        # In-flight requests count as executions, and their Redis commands must not leak into MONITOR below.
-        self.settle()
-        if mode is Mode.STORM:
-            record["storm"] = _storm_stats(self.counter.hgetall(EXECUTIONS_HASH))  # type: ignore[arg-type]
-        executed = _dispatched(self.client, self.base) - before_exec
-
         record["load"] = result.to_dict()
-        record["executed"] = executed
-        record["executed_per_request"] = round(executed / result.requests, 4) if result.requests else None
         record["cpu_us_per_request"] = {
             name: round((cpu_after[name] - cpu_before[name]) * 1e6 / result.requests, 1) if result.requests else None
             for name in pids
         }
+        return result
+
+    def record_executed(self, executed: int, requests: int) -> None:
+        self.record["executed"] = executed
+        self.record["executed_per_request"] = round(executed / requests, 4) if requests else None
+
+    def measure(self) -> None:
+        """Prime, warm up, measure, count Redis commands; fills ``record``."""
+        settings, record, mode = self.settings, self.record, self.scenario.mode
+        self.prepare()
+        # /v1/stats answers for one worker only; storms count every execution in Redis instead.
+        before_exec = _dispatched(self.client, self.base) if mode is not Mode.STORM else 0
+        result = self.timed_load(self.spec("m", settings.duration, settings.connections))
+        # In-flight requests count as executions, and their Redis commands must not leak into MONITOR below.
+        self.settle()
+        if mode is Mode.STORM:
+            record["storm"] = _storm_stats(self.counter.hgetall(EXECUTIONS_HASH))  # type: ignore[arg-type]
+            self.record_executed(record["storm"]["executions"], result.requests)
+        else:
+            self.record_executed(_dispatched(self.client, self.base) - before_exec, result.requests)
         if self.scenario.target.redis_commands and mode is not Mode.STORM and settings.monitor_requests > 0:
-            self.count_redis_commands(url)
+            self.count_redis_commands(self.base + PATH)
+
+    def soak(self) -> None:
+        """``soak_requests`` unique keys through the proxy; its RSS (all its processes) every second."""
+        settings, record = self.settings, self.record
+        proxy = next(child for child in self.children if child.name == "proxy")
+        app_url = self.children[0].url  # the app counts executions: one per unique key
+        self.prepare()
+        before_exec = _dispatched(self.client, app_url)
+        sampler = _RssSampler(proxy.pid, app_url, before_exec, settings.soak_requests, self.progress)
+        sampler.start()
+        try:
+            result = self.timed_load(self.spec("m", settings.soak_limit, settings.connections), sampler.reached.is_set)
+        finally:
+            sampler.stop()
+        self.settle()
+        sampler.done = _dispatched(self.client, app_url) - before_exec
+        sampler.sample()  # the end point, once requests in flight have finished
+        self.record_executed(sampler.done, result.requests)
+        record["soak"] = sampler.summary()
 
     def count_redis_commands(self, url: str) -> None:
         counted = self.spec("c")
@@ -182,24 +236,87 @@ class _Run:
         self.record["redis_commands"] = {**commands.to_dict(), "non_2xx": len(bad)}
 
 
+class _RssSampler(threading.Thread):
+    """Samples the proxy's RSS every SOAK_SAMPLE_SECONDS, and the app's executions more often.
+
+    ``reached`` is set once the app has executed ``target`` more requests than ``base``.
+    """
+
+    def __init__(self, pid: int, app_url: str, base: int, target: int, progress: Progress) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.pid, self.app_url, self.base, self.target, self.progress = pid, app_url, base, target, progress
+        self.reached, self._stopping = threading.Event(), threading.Event()
+        self.samples: list[list[float]] = []  # [seconds since start, RSS MB, requests executed]
+        self.processes = 0
+        self.done = 0
+        self.started = time.monotonic()
+        self.sample()  # the start point, before any load
+
+    def sample(self) -> None:
+        rss, self.processes = procs.tree_rss_bytes(self.pid)
+        self.samples.append([round(time.monotonic() - self.started, 2), round(rss / MB, 2), self.done])
+
+    def run(self) -> None:
+        next_sample, next_line = self.started + SOAK_SAMPLE_SECONDS, self.started + SOAK_PROGRESS_SECONDS
+        with httpx.Client(trust_env=False, timeout=5.0) as client:
+            while not self._stopping.wait(0.1):
+                with suppress(httpx.HTTPError):  # a missed poll: the next one counts
+                    self.done = _dispatched(client, self.app_url) - self.base
+                if self.done >= self.target:
+                    self.reached.set()
+                now = time.monotonic()
+                if now >= next_sample:
+                    self.sample()
+                    next_sample += SOAK_SAMPLE_SECONDS
+                if now >= next_line:
+                    rss = self.samples[-1][1]
+                    self.progress(f"  soak: {self.done:,} of {self.target:,} requests, proxy RSS {rss:.1f} MB")
+                    next_line += SOAK_PROGRESS_SECONDS
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+
+    def summary(self) -> dict[str, Any]:
+        rss = [sample[1] for sample in self.samples]
+        return {
+            "requests_target": self.target,
+            "sample_interval_s": SOAK_SAMPLE_SECONDS,
+            "proxy_processes": self.processes,
+            "rss_start_mb": rss[0],
+            "rss_end_mb": rss[-1],
+            "rss_max_mb": max(rss),
+            "growth_mb": round(rss[-1] - rss[0], 2),
+            "peak_growth_mb": round(max(rss) - rss[0], 2),
+            "samples": self.samples,
+        }
+
+
 def run_all(settings: Settings, redis_url: str, progress: Progress, results: list[dict[str, Any]]) -> None:
-    """Append one record per scenario and round to ``results`` (so a Ctrl-C keeps what was done)."""
-    total = settings.rounds * len(settings.scenarios)
-    done = 0
-    for round_no in range(1, settings.rounds + 1):
-        for scenario in settings.scenarios:
-            done += 1
-            prefix = f"[{done}/{total}] round {round_no}/{settings.rounds} {scenario.name}"
-            progress(f"{prefix}: running …")
-            try:
-                record = run_one(scenario, round_no, redis_url, settings)
-            except Exception as exc:  # one broken scenario must not lose the others
-                record = {"scenario": scenario.name, "target": scenario.target.name, "mode": str(scenario.mode),
-                          "round": round_no, "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
-                progress(f"{prefix}: FAILED {record['error']}")
-            else:
-                progress(f"{prefix}: {describe(record)}")
-            results.append(record)
+    """Append one record per scenario and round to ``results`` (so a Ctrl-C keeps what was done).
+
+    Soaks run once, after the rounds.
+    """
+    rounds = [s for s in settings.scenarios if s.mode is not Mode.SOAK]
+    once = [s for s in settings.scenarios if s.mode is Mode.SOAK]
+    plan = [(r, s) for r in range(1, settings.rounds + 1) for s in rounds] + [(1, s) for s in once]
+    quiet_left = settings.quiet_budget
+    for done, (round_no, scenario) in enumerate(plan, 1):
+        where = f"round {round_no}/{settings.rounds}" if scenario.mode is not Mode.SOAK else "once"
+        prefix = f"[{done}/{len(plan)}] {where} {scenario.name}"
+        progress(f"{prefix}: running …")
+        this_run = replace(settings, quiet_timeout=min(settings.quiet_timeout, quiet_left))
+        try:
+            record = run_one(scenario, round_no, redis_url, this_run, progress)
+        except Exception as exc:  # one broken scenario must not lose the others
+            record = {"scenario": scenario.name, "target": scenario.target.name, "mode": str(scenario.mode),
+                      "workers": scenario.workers, "round": round_no,
+                      "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+            progress(f"{prefix}: FAILED {record['error']}")
+        else:
+            progress(f"{prefix}: {describe(record)}")
+            quiet_left = max(0.0, quiet_left - record.get("waited_for_quiet_s", 0.0))
+        results.append(record)
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -217,4 +334,10 @@ def describe(record: dict[str, Any]) -> str:
     if "storm" in record:
         storm = record["storm"]
         parts.append(f"{storm['keys']} keys, {storm['duplicate_executions']} duplicate executions")
+    if "soak" in record:
+        soak = record["soak"]
+        parts.append(
+            f"proxy RSS {soak['rss_start_mb']:.1f} -> {soak['rss_end_mb']:.1f} MB (max {soak['rss_max_mb']:.1f}, "
+            f"{soak['proxy_processes']} process(es))"
+        )
     return ", ".join(parts)

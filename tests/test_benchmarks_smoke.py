@@ -1,10 +1,13 @@
 """Smoke test of the benchmark harness (benchmarks/): every scenario runs and produces numbers.
 
-No thresholds: timing belongs to ``python -m benchmarks``, not to the test suite.
+Every scenario of every target in quick mode: storms with 1 and 2 workers, a small proxy soak, the
+SPEC §7 targets table and the charts. No thresholds: timing belongs to ``python -m benchmarks``,
+not to the test suite.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,18 +16,30 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import grid
+from benchmarks import grid, report
 from benchmarks.load.wrk import parse_output
 from benchmarks.monitor import count_lines
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
+SOAK_REQUESTS = 2000
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not on PATH")
 
 
 def run_harness(out: Path, *args: str) -> dict[str, object]:
-    command = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--soak-requests",
+        str(SOAK_REQUESTS),
+        "--out",
+        str(out),
+        *args,
+    ]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{command} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert (out / "results.json").is_file()
@@ -47,9 +62,29 @@ def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
         assert set(run["cpu_us_per_request"]) >= {"app", "redis"}, run
         if run["mode"] == "storm":
             assert run["storm"]["keys"] > 0, run
-    markdown = (Path(str(document["settings"]["out_dir"])) / "RESULTS.md").read_text()  # type: ignore[index]
+            assert run["storm"]["executions"] == run["executed"], run
+        if run["mode"] == "soak":
+            soak = run["soak"]
+            assert soak["requests_target"] == SOAK_REQUESTS
+            assert run["executed"] >= SOAK_REQUESTS, run
+            assert len(soak["samples"]) >= 2 and soak["rss_start_mb"] > 0, run
+            assert soak["rss_max_mb"] >= max(soak["rss_start_mb"], soak["rss_end_mb"]), run
+    out = Path(str(document["settings"]["out_dir"]))  # type: ignore[index]
+    markdown = (out / "RESULTS.md").read_text()
     for name in expected:
         assert f"| {name} |" in markdown
+    # The SPEC §7 targets table comes first, whatever was selected; the See also list comes last.
+    assert markdown.index("## SPEC §7 targets") < markdown.index("## Summary")
+    for label, _, verdict in report.target_rows(document["summary"]):  # type: ignore[arg-type]
+        assert f"| {label} |" in markdown and verdict in {"met", "**not met**", "not measured"}
+    assert markdown.rstrip().splitlines()[-1].startswith("- [benchmarks/proxy_client/RESULTS.md]")
+    if HAS_MATPLOTLIB:
+        modes = {run["mode"] for run in runs}
+        charts = {"throughput.png", "p99.png"} if modes & {"first", "replay", "nokey"} else set()
+        charts |= {"proxy_rss.png"} if "soak" in modes else set()
+        for chart in charts:
+            assert (out / chart).stat().st_size > 0
+            assert f"]({chart})" in markdown
 
 
 @pytest.mark.slow
@@ -65,7 +100,8 @@ def test_quick_run_gives_numbers_for_every_scenario(tmp_path: Path, target: str)
     document = run_harness(tmp_path, "--scenarios", ",".join(expected))
     assert_numbers(document, expected)
     for run in document["runs"]:  # type: ignore[attr-defined]
-        if chosen.redis_commands and run["mode"] != "storm":
+        assert run["workers"] == (2 if run["scenario"].endswith("-w2") else 1)
+        if chosen.redis_commands and run["mode"] not in ("storm", "soak"):
             assert run["redis_commands"]["requests"] > 0
             assert run["redis_commands"]["non_2xx"] == 0
         if run["scenario"] == "bare":
@@ -116,7 +152,11 @@ def test_scenario_selection() -> None:
     assert [s for s in grid.all_scenarios() if s.target.enabled] == default
     assert [s.name for s in grid.select("relay-idem-first")] == ["relay-idem-first"]
     assert [s.name for s in grid.select("bare")] == ["bare"]
-    assert len(grid.select("fastapi-idempotency")) == 4
-    assert [s.name for s in grid.select("bare*")] == ["bare", "bare-storm"]
+    assert len(grid.select("fastapi-idempotency")) == 5
+    assert [s.name for s in grid.select("bare*")] == ["bare", "bare-storm", "bare-storm-w2"]
+    # Storms run with 1 and 2 workers against the bare storm with as many; the proxy soak has no baseline.
+    (storm_w2,) = grid.select("relay-idem-storm-w2")
+    assert (storm_w2.workers, storm_w2.baseline) == (2, "bare-storm-w2")
+    assert [(s.name, s.baseline) for s in grid.select("*-soak")] == [("relay-idem-proxy-soak", None)]
     with pytest.raises(ValueError, match="no scenario matches"):
         grid.select("nope")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 from benchmarks.load.base import BODY, PATH, LoadResult, LoadSpec
 from benchmarks.load.pygen import run_python
@@ -20,5 +21,6 @@ def pick(choice: str) -> str:
     return choice
 
 
-def run(generator: str, spec: LoadSpec) -> LoadResult:
-    return run_wrk(spec) if generator == "wrk" else run_python(spec)
+def run(generator: str, spec: LoadSpec, stop: Callable[[], bool] | None = None) -> LoadResult:
+    """Load for ``spec.duration`` seconds, or less once ``stop()`` (a cheap check, polled) is true."""
+    return run_wrk(spec, stop=stop) if generator == "wrk" else run_python(spec, stop)

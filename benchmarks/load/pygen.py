@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -28,7 +29,7 @@ def _percentile(ordered: list[float], pct: float) -> float:
     return ordered[index]
 
 
-async def _run(spec: LoadSpec) -> LoadResult:
+async def _run(spec: LoadSpec, stop: Callable[[], bool] | None = None) -> LoadResult:
     latencies: list[float] = []
     status = {"2xx": 0, "3xx": 0, "409": 0, "4xx": 0, "5xx": 0}
     errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
@@ -42,7 +43,7 @@ async def _run(spec: LoadSpec) -> LoadResult:
 
         async def worker(index: int) -> None:
             thread = index % spec.threads  # keys are grouped like wrk's threads
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < stop_at and not (stop is not None and stop()):
                 counters[thread] += 1
                 headers = dict(HEADERS)
                 key = key_for(spec, thread, counters[thread])
@@ -82,9 +83,10 @@ async def _run(spec: LoadSpec) -> LoadResult:
     )
 
 
-def run_python(spec: LoadSpec) -> LoadResult:
+def run_python(spec: LoadSpec, stop: Callable[[], bool] | None = None) -> LoadResult:
+    """Load for ``spec.duration`` seconds, or until ``stop()`` (checked before each request) is true."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        return asyncio.run(_run(spec))
-    return uvloop.run(_run(spec))
+        return asyncio.run(_run(spec, stop))
+    return uvloop.run(_run(spec, stop))

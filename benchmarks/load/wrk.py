@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 
@@ -55,10 +58,27 @@ def parse_output(stdout: str) -> LoadResult:
     )
 
 
-def run_wrk(spec: LoadSpec, tally: bool = True) -> LoadResult:
-    """Run wrk for ``spec.duration`` seconds (wrk's minimum is 1 s)."""
+def run_wrk(spec: LoadSpec, tally: bool = True, stop: Callable[[], bool] | None = None) -> LoadResult:
+    """Run wrk for ``spec.duration`` seconds (wrk's minimum is 1 s), or until ``stop()`` is true.
+
+    ``stop`` is polled every 0.1 s; wrk takes SIGINT as "end now" and still reports (done() runs).
+    """
     argv = wrk_argv(spec, tally)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=max(spec.duration, 1.0) + spec.timeout + 30)
+    limit = max(spec.duration, 1.0) + spec.timeout + 30
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            if stop is not None:
+                deadline = time.monotonic() + limit
+                while proc.poll() is None and time.monotonic() < deadline:
+                    if stop():
+                        proc.send_signal(signal.SIGINT)
+                        break
+                    time.sleep(0.1)
+            stdout, stderr = proc.communicate(timeout=limit)
+        except BaseException:  # timeout or Ctrl-C: never leave wrk running
+            proc.kill()
+            proc.wait()
+            raise
     if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout[-2000:]}")
-    return parse_output(proc.stdout)
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stderr.strip() or stdout[-2000:]}")
+    return parse_output(stdout)
