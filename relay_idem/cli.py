@@ -215,7 +215,7 @@ def prefix_flag() -> Callable[[F], F]:
       help="Longest wait for the upstream's response headers (then 504, final); also bounds each idle "
            "gap while its body streams.")  # fmt: skip
 @flag("upstream-client", default="aiohttp", type=click.Choice(UPSTREAM_CLIENTS),
-      help="HTTP client for the upstream (chosen by benchmarks/RESULTS_proxy_client.md).")  # fmt: skip
+      help="HTTP client for the upstream (chosen by benchmarks/proxy_client/RESULTS.md).")  # fmt: skip
 @flag("min-replicas", default=0, type=click.IntRange(min=0), metavar="N",
       help="Make claims and completions wait for N Redis replicas (WAIT); 0: don't wait.")  # fmt: skip
 @flag("header-name", default="Idempotency-Key", help="Request header that carries the key.")

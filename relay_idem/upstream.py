@@ -1,7 +1,7 @@
 """The proxy's upstream client: one pooled keep-alive client per worker, behind a small interface.
 
 Two implementations sit side by side, because the choice was made by measurement
-(``benchmarks/RESULTS_proxy_client.md``): :class:`HttpxUpstream` and :class:`AiohttpUpstream`.
+(``benchmarks/proxy_client/RESULTS.md``): :class:`HttpxUpstream` and :class:`AiohttpUpstream`.
 Both stream bodies both ways, never decompress, add no headers of their own but ``Host``, and map
 their library's errors onto three outcomes the outcome policy (SPEC §3.6) needs to tell apart:
 
