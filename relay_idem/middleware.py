@@ -114,7 +114,7 @@ class IdempotencyMiddleware:
             elif name == b"content-length":
                 content_length = value
         if not key_headers:
-            if self.key_required(scope["path"]):
+            if self.required_paths and self.key_required(scope["path"]):
                 OUTCOME["invalid"].inc()
                 detail = f"{scope['method']} {scope['path']} requires an {self.config.header_name}"
                 await send_problem(send, KEY_REQUIRED, detail)
