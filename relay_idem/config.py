@@ -21,6 +21,7 @@ from relay_idem.upstream import UpstreamClientName
 # The environment variable that carries a Config to worker processes.
 WORKER_CONFIG_ENV = "_RELAY_IDEM_WORKER_CONFIG"
 DEFAULT_PREFIX = "relay-idem"
+MIDDLEWARE_DEFAULTS = IdempotencyConfig()
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -68,22 +69,22 @@ class Config:
     min_replicas: int = 0
     log_level: LogLevel = "info"
     access_log: bool = False
-    # Middleware options (SPEC §1).
-    header_name: str = "Idempotency-Key"
-    methods: tuple[str, ...] = ("POST", "PATCH")
-    require_key: tuple[str, ...] = ()
-    ttl: float = 86_400.0
-    lock_ttl: float = 10.0
-    on_conflict: ConflictPolicy = "reject"
-    wait_timeout: float = 10.0
-    on_mismatch: MismatchPolicy = "reject"
-    fingerprint: FingerprintMode = "raw"
-    fingerprint_header: tuple[str, ...] = ()
+    # Middleware options (SPEC §1), with the middleware's own defaults.
+    header_name: str = MIDDLEWARE_DEFAULTS.header_name
+    methods: tuple[str, ...] = tuple(MIDDLEWARE_DEFAULTS.methods)
+    require_key: tuple[str, ...] = tuple(MIDDLEWARE_DEFAULTS.require_key)
+    ttl: float = MIDDLEWARE_DEFAULTS.ttl
+    lock_ttl: float = MIDDLEWARE_DEFAULTS.lock_ttl
+    on_conflict: ConflictPolicy = MIDDLEWARE_DEFAULTS.on_conflict
+    wait_timeout: float = MIDDLEWARE_DEFAULTS.wait_timeout
+    on_mismatch: MismatchPolicy = MIDDLEWARE_DEFAULTS.on_mismatch
+    fingerprint: FingerprintMode = MIDDLEWARE_DEFAULTS.fingerprint
+    fingerprint_header: tuple[str, ...] = tuple(MIDDLEWARE_DEFAULTS.fingerprint_headers)
     scope_header: str | None = None
-    max_waiters: int = 1000
-    max_request_bytes: int = 1024 * 1024
-    max_response_bytes: int = 1024 * 1024
-    on_store_error: StoreErrorPolicy = "closed"
+    max_waiters: int = MIDDLEWARE_DEFAULTS.max_waiters
+    max_request_bytes: int = MIDDLEWARE_DEFAULTS.max_request_bytes
+    max_response_bytes: int = MIDDLEWARE_DEFAULTS.max_response_bytes
+    on_store_error: StoreErrorPolicy = MIDDLEWARE_DEFAULTS.on_store_error
 
     def __post_init__(self) -> None:
         check_http_url("--upstream", self.upstream)

@@ -32,16 +32,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-BEGIN_LUA = b"""\
--- KEYS[1] record key; ARGV[1] in-progress record payload; ARGV[2] token; ARGV[3] lock ttl ms
-local existing = redis.call('hmget', KEYS[1], 't', 'd')
-if existing[2] then
-    return existing
-end
-redis.call('hset', KEYS[1], 't', ARGV[2], 'd', ARGV[1])
-redis.call('pexpire', KEYS[1], ARGV[3])
-return false
-"""
+from relay_idem.store.scripts import LUA_BEGIN
+
+BEGIN_LUA = LUA_BEGIN.encode()  # the store's own claim script
 PAYLOAD = b"\x83\xa5state\xabin_progress\xa2fp\xd9@" + b"f" * 64 + b"\xa7started\xcbA\xd9\x00\x00\x00\x00\x00\x00"
 TOKEN = b"0123456789abcdef0123456789abcdef"
 LOCK_TTL_MS = 10_000
