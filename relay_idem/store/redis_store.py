@@ -19,7 +19,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.base import Claim, Record, RecordInfo
 from relay_idem.store.codec import decode_record, encode_record
-from relay_idem.store.multiplexed import MultiplexedRedis, ResponseError
+from relay_idem.store.multiplexed import Arg, MultiplexedRedis, ResponseError
 from relay_idem.store.notifier import Notifier
 from relay_idem.store.scripts import (
     LUA_BEGIN,
@@ -213,12 +213,20 @@ class RedisStore:
                 self.watcher.start()
             self._ready = True
 
-    async def _call(self, operation: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """``operation(*args, **kwargs)`` with Redis's errors as ``StoreUnavailable`` (no closure: hot path)."""
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
             if not self._ready:
                 await self._get_ready()
-            return await operation(*args, **kwargs)
+            return await operation()
+        except STORE_ERRORS as exc:
+            raise store_unavailable(exc) from exc
+
+    async def _run(self, script: str, key: str, args: tuple[Arg, ...], *, replicated: bool = False) -> Any:
+        """``_call`` for the scripts, without its closure: these run on every keyed request."""
+        try:
+            if not self._ready:
+                await self._get_ready()
+            return await self.scripts.run(script, key, args, replicated=replicated)
         except STORE_ERRORS as exc:
             raise store_unavailable(exc) from exc
 
@@ -227,7 +235,7 @@ class RedisStore:
         record = Record(fingerprint, time.time())
         args = (encode_record(record), token, _milliseconds(lock_ttl))
         try:
-            existing = await self._call(self.scripts.run, LUA_BEGIN, key, args, replicated=True)
+            existing = await self._run(LUA_BEGIN, key, args, replicated=True)
         except NotReplicated as exc:
             if exc.reply is None:
                 # The claim was written but not replicated: a store error before the claim, so
@@ -242,27 +250,27 @@ class RedisStore:
 
     async def complete(self, key: str, token: str, record: Record, ttl: float) -> bool:
         args = (token, encode_record(record), _milliseconds(ttl), self.channel)
-        return bool(await self._call(self.scripts.run, LUA_COMPLETE, key, args, replicated=True))
+        return bool(await self._run(LUA_COMPLETE, key, args, replicated=True))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._call(self.scripts.run, LUA_RELEASE, key, (token, self.channel)))
+        return bool(await self._run(LUA_RELEASE, key, (token, self.channel)))
 
     async def renew(self, key: str, token: str, lock_ttl: float) -> bool:
         args = (token, _milliseconds(lock_ttl))
-        return bool(await self._call(self.scripts.run, LUA_EXTEND, key, args))
+        return bool(await self._run(LUA_EXTEND, key, args))
 
     async def wait(self, key: str, since: float, timeout: float) -> None:
         await self.notifier.wait(key, since, timeout)
 
     async def get(self, key: str) -> RecordInfo | None:
-        data: bytes | None = await self._call(self.redis.hget, key, "d")  # type: ignore[arg-type]
+        data: bytes | None = await self._call(lambda: self.redis.hget(key, "d"))  # type: ignore[arg-type,return-value]
         if data is None:
             return None
-        ttl_ms = await self._call(self.redis.pttl, key)
+        ttl_ms = await self._call(lambda: self.redis.pttl(key))
         return RecordInfo(decode_record(data), ttl_ms / 1000 if ttl_ms >= 0 else None)
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._call(self.redis.delete, key))
+        return bool(await self._call(lambda: self.redis.delete(key)))
 
     async def ping(self) -> None:
         await self._call(self.scripts.ping)
