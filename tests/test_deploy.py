@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -39,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay_idem import cli, proxy
 from relay_idem.config import Config
-from tests.servers import free_port, wait_until_ready
+from tests.servers import free_port, stop_process_group, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -502,13 +501,7 @@ def started(args: Sequence[str], env: Mapping[str, str], log: TextIO) -> Iterato
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="module")
