@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 import redis
 
@@ -62,3 +63,19 @@ async def store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[St
         built = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix)
     yield built
     await built.close()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    """The test upstream app (tests/proxy_upstream.py) under uvicorn, one per module, for proxy tests."""
+    from tests.relay_processes import running_upstream
+
+    with running_upstream() as url:
+        yield url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for tests that talk to real servers over loopback."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+        yield client

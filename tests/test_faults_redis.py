@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -15,7 +15,7 @@ import pytest
 from relay_idem import RedisStore
 from relay_idem.exceptions import StoreUnavailable
 from tests.redis_servers import DelayProxy, RedisServer, start_standalone, wait_until
-from tests.relay_processes import MESSAGE, PROBLEM, calls, keyed, new_id, running_proxy, running_upstream, wait_for
+from tests.relay_processes import MESSAGE, PROBLEM, calls, keyed, new_id, running_proxy, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -27,18 +27,6 @@ FAIL_FAST_LIMIT = 1.2
 def server() -> Iterator[RedisServer]:
     with start_standalone() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    with running_upstream() as url:
-        yield url
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=15) as client:
-        yield client
 
 
 async def post(client: httpx.AsyncClient, proxy: str, name: str, key: str | None = None) -> httpx.Response:

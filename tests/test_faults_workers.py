@@ -13,13 +13,13 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.proxy_upstream import STREAM_FIRST, STREAM_REST
-from tests.relay_processes import MESSAGE, calls, keyed, metric, new_id, running_proxy, running_upstream, wait_for
+from tests.relay_processes import MESSAGE, calls, keyed, metric, new_id, running_proxy, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -34,21 +34,9 @@ def options(redis_url: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    with running_upstream() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def survivor(upstream: str, options: tuple[str, ...]) -> Iterator[str]:
     with running_proxy(upstream, *options) as (url, _process):
         yield url
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=15) as client:
-        yield client
 
 
 async def post(client: httpx.AsyncClient, proxy: str, path: str, params: dict[str, str], key: str) -> httpx.Response:

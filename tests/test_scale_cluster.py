@@ -11,7 +11,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ from relay_idem import RedisStore
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.base import Record, StoredResponse
 from tests.redis_servers import RedisCluster, RedisServer, start_cluster, wait_until
-from tests.relay_processes import MESSAGE, calls, keyed, new_id, running_proxy, running_upstream
+from tests.relay_processes import MESSAGE, calls, keyed, new_id, running_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -34,23 +34,11 @@ def cluster() -> Iterator[RedisCluster]:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    with running_upstream() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def proxy(cluster: RedisCluster, upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     options = ("--workers", "2", "--redis", cluster.url, "--prefix", PREFIX, "--on-conflict", "wait")
     env = {"TMPDIR": str(tmp_path_factory.mktemp("metrics"))}
     with running_proxy(upstream, *options, env=env) as (url, _process):
         yield url
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
-        yield client
 
 
 def records_per_node(cluster: RedisCluster, prefix: str) -> list[int]:

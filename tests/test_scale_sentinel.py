@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -20,7 +20,7 @@ import pytest
 from relay_idem import RedisStore
 from relay_idem.exceptions import StoreUnavailable
 from tests.redis_servers import RedisSentinel, start_sentinel
-from tests.relay_processes import MESSAGE, PROBLEM, calls, keyed, new_id, running_proxy, running_upstream, wait_for
+from tests.relay_processes import MESSAGE, PROBLEM, calls, keyed, new_id, running_proxy, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -33,18 +33,6 @@ FAILOVER_WINDOW_LIMIT = 30.0
 def topology() -> Iterator[RedisSentinel]:
     with start_sentinel() as topology:
         yield topology
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    with running_upstream() as url:
-        yield url
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30) as client:
-        yield client
 
 
 def subscribers(topology: RedisSentinel, port: int, channel: str) -> int:
