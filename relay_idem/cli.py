@@ -27,6 +27,7 @@ from relay_idem import __version__
 from relay_idem.config import DEFAULT_PREFIX, WORKER_CONFIG_ENV, Config, ConfigError, check_redis_url, open_store
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.keys import InvalidKey, parse_key
+from relay_idem.store.redis_store import DEFAULT_MIN_REPLICAS_TIMEOUT
 from relay_idem.upstream import UPSTREAM_CLIENTS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -218,6 +219,9 @@ def prefix_flag() -> Callable[[F], F]:
       help="HTTP client for the upstream (chosen by benchmarks/proxy_client/RESULTS.md).")  # fmt: skip
 @flag("min-replicas", default=0, type=click.IntRange(min=0), metavar="N",
       help="Make claims and completions wait for N Redis replicas (WAIT); 0: don't wait.")  # fmt: skip
+@flag("min-replicas-timeout", default=DEFAULT_MIN_REPLICAS_TIMEOUT, type=float, metavar="SECONDS",
+      help="Longest WAIT for --min-replicas acknowledgements (then 503); under the 0.5 s Redis socket "
+           "timeout.")  # fmt: skip
 @flag("header-name", default="Idempotency-Key", help="Request header that carries the key.")
 @flag("methods", default="POST,PATCH", type=ListType(), help="Methods made idempotent, comma-separated.")
 @flag("require-key", multiple=True, type=ListType(), callback=flatten, metavar="PATTERN",

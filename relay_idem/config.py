@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from relay_idem.options import ConflictPolicy, FingerprintMode, IdempotencyConfig, MismatchPolicy, StoreErrorPolicy
 from relay_idem.scopes import authorization_scope, header_scope
 from relay_idem.store import MemoryStore, RedisStore, Store
+from relay_idem.store.redis_store import DEFAULT_MIN_REPLICAS_TIMEOUT, DEFAULT_SOCKET_TIMEOUT
 from relay_idem.upstream import UpstreamClientName
 
 # The environment variable that carries a Config to worker processes.
@@ -67,6 +68,7 @@ class Config:
     upstream_timeout: float = 60.0
     upstream_client: UpstreamClientName = "aiohttp"
     min_replicas: int = 0
+    min_replicas_timeout: float = DEFAULT_MIN_REPLICAS_TIMEOUT
     log_level: LogLevel = "info"
     access_log: bool = False
     # Middleware options (SPEC §1), with the middleware's own defaults.
@@ -104,6 +106,11 @@ class Config:
             raise ConfigError(
                 "--min-replicas is not supported on Redis Cluster (redis+cluster://): use a standalone or Sentinel URL"
             )
+        if not 0 < self.min_replicas_timeout < DEFAULT_SOCKET_TIMEOUT:
+            raise ConfigError(
+                f"--min-replicas-timeout must be more than 0 and less than the Redis socket timeout "
+                f"({DEFAULT_SOCKET_TIMEOUT:g} s), not {self.min_replicas_timeout:g}"
+            )
         if not self.upstream_timeout > 0:
             raise ConfigError(f"--upstream-timeout must be positive, not {self.upstream_timeout}")
         try:
@@ -133,7 +140,12 @@ class Config:
 
     def open_store(self) -> Store:
         """A new store for this config: Redis with ``--redis``, else the memory store."""
-        return open_store(self.redis, prefix=self.prefix, min_replicas=self.min_replicas)
+        return open_store(
+            self.redis,
+            prefix=self.prefix,
+            min_replicas=self.min_replicas,
+            min_replicas_timeout=self.min_replicas_timeout,
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -155,9 +167,18 @@ class Config:
         return cls.from_json(text)
 
 
-def open_store(redis: str | None, *, prefix: str = DEFAULT_PREFIX, min_replicas: int = 0) -> Store:
-    """``RedisStore`` for a URL, the memory store for None. ``min_replicas`` is passed on only when set."""
+def open_store(
+    redis: str | None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    min_replicas: int = 0,
+    min_replicas_timeout: float = DEFAULT_MIN_REPLICAS_TIMEOUT,
+) -> Store:
+    """``RedisStore`` for a URL, the memory store for None. ``min_replicas`` (and its timeout) is passed on
+    only when set."""
     if redis is None:
         return MemoryStore(prefix=prefix)
-    options: dict[str, Any] = {"min_replicas": min_replicas} if min_replicas else {}
+    options: dict[str, Any] = (
+        {"min_replicas": min_replicas, "min_replicas_timeout": min_replicas_timeout} if min_replicas else {}
+    )
     return RedisStore.from_url(redis, prefix=prefix, **options)

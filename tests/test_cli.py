@@ -46,7 +46,8 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
     result = invoke(
         "proxy", "--upstream", "http://app:8000", "--redis", "redis://r:6379/0", "--prefix", "p", "--host", "0.0.0.0",
         "--port", "9000", "--workers", "3", "--upstream-timeout", "5", "--upstream-client", "httpx",
-        "--min-replicas", "1", "--header-name", "X-Key", "--methods", "post,put", "--require-key", "/a*",
+        "--min-replicas", "1", "--min-replicas-timeout", "0.3", "--header-name", "X-Key", "--methods", "post,put",
+        "--require-key", "/a*",
         "--require-key", "/b*,/c*", "--ttl", "60", "--lock-ttl", "3", "--on-conflict", "wait", "--wait-timeout", "2",
         "--on-mismatch", "replay", "--fingerprint", "json", "--fingerprint-header", "X-Tenant", "--scope-header",
         "X-Api-Key", "--max-waiters", "7", "--max-request-bytes", "2MiB", "--max-response-bytes", "512KiB",
@@ -56,7 +57,8 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
     config = Config(**captured_run.call_args.kwargs)
     assert config == Config(
         upstream="http://app:8000", redis="redis://r:6379/0", prefix="p", host="0.0.0.0", port=9000, workers=3,
-        upstream_timeout=5.0, upstream_client="httpx", min_replicas=1, header_name="X-Key", methods=("post", "put"),
+        upstream_timeout=5.0, upstream_client="httpx", min_replicas=1,
+        min_replicas_timeout=0.3, header_name="X-Key", methods=("post", "put"),
         require_key=("/a*", "/b*", "/c*"), ttl=60.0, lock_ttl=3.0, on_conflict="wait", wait_timeout=2.0,
         on_mismatch="replay", fingerprint="json", fingerprint_header=("X-Tenant",), scope_header="X-Api-Key",
         max_waiters=7, max_request_bytes=2 * 1024 * 1024, max_response_bytes=512 * 1024, on_store_error="open",
@@ -150,6 +152,7 @@ def test_config_round_trips_through_json() -> None:
         ({"upstream": "http://app:8000", "workers": 0}, "at least 1"),
         ({"upstream": "http://app:8000", "min_replicas": 1}, "needs --redis"),
         ({"upstream": "http://app:8000", "upstream_timeout": 0}, "positive"),
+        ({"upstream": "http://app:8000", "redis": "redis://r", "min_replicas_timeout": 0.5}, "socket timeout"),
         ({"upstream": "http://app:8000", "ttl": -1}, "ttl must be positive"),
     ],
 )
@@ -163,9 +166,11 @@ def test_open_store_passes_min_replicas_only_when_set() -> None:
     with mock.patch.object(RedisStore, "from_url") as from_url:
         open_store("redis://r/0", prefix="p")
         open_store("redis://r/0", prefix="p", min_replicas=2)
+        Config(upstream="http://app", redis="redis://r/0", min_replicas=1, min_replicas_timeout=0.3).open_store()
     assert from_url.call_args_list == [
         mock.call("redis://r/0", prefix="p"),
-        mock.call("redis://r/0", prefix="p", min_replicas=2),
+        mock.call("redis://r/0", prefix="p", min_replicas=2, min_replicas_timeout=0.4),
+        mock.call("redis://r/0", prefix="relay-idem", min_replicas=1, min_replicas_timeout=0.3),
     ]
 
 

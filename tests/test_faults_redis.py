@@ -126,22 +126,38 @@ async def test_slow_redis_fails_fast_and_never_hangs(
     print(f"\nslow Redis: 20 keyed requests answered 503 within {slowest:.2f} s at most")
 
 
+def replicas_acknowledge(server: RedisServer, count: int) -> bool:
+    """A write on ``server`` reached ``count`` replicas: WAIT counts the writes of its own connection."""
+    with server.client() as connection, connection.pipeline(transaction=False) as pipeline:
+        pipeline.set("replicated:probe", "1", px=1000)
+        pipeline.execute_command("WAIT", count, 1000)
+        return bool(pipeline.execute()[1] >= count)
+
+
 async def test_min_replicas_on_a_primary_with_one_replica(server: RedisServer) -> None:
     """WAIT for real: claims and completions pass while the replica follows; once it stops answering,
-    a claim is a store error (503 under on_store_error="closed") and is released, not left in progress."""
+    a claim is a store error (503 under on_store_error="closed") and is released, not left in progress.
+
+    No timing window decides the outcome (issue 12: a 200 ms WAIT right after the link came up
+    flaked on a loaded machine): the replica must first acknowledge a probe write, and the claim
+    that must be replicated gets a WAIT as long as the hang guard."""
     if not server.running:
         server.start()
     with start_standalone(config=[f"replicaof {server.host} {server.port}"]) as replica:
         wait_until(lambda: replica.execute("INFO", "replication")["master_link_status"] == "up", 10, "the replica")
-        store = RedisStore.from_url(server.url, prefix="replicated", min_replicas=1)
+        wait_until(lambda: replicas_acknowledge(server, 1), 10, "the replica to acknowledge a write")
+        patient = RedisStore.from_url(
+            server.url, prefix="replicated", min_replicas=1, min_replicas_timeout=10, socket_timeout=15
+        )
+        store = RedisStore.from_url(server.url, prefix="replicated", min_replicas=1, min_replicas_timeout=0.1)
         try:
-            claim = await store.begin("replicated:a", b"fp", 10)
+            claim = await patient.begin("replicated:a", b"fp", 10)
             assert claim.token is not None
             assert replica.execute("HEXISTS", "replicated:a", "t") == 1  # acknowledged means on the replica
             replica.pause()
             try:
                 started = time.monotonic()
-                with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                with pytest.raises(StoreUnavailable, match="0 of 1 replicas acknowledged the write in 100 ms"):
                     await store.begin("replicated:b", b"fp", 10)
                 assert time.monotonic() - started < FAIL_FAST_LIMIT
                 assert server.execute("EXISTS", "replicated:b") == 0  # released: a retry may claim it
@@ -150,3 +166,11 @@ async def test_min_replicas_on_a_primary_with_one_replica(server: RedisServer) -
                 replica.resume()
         finally:
             await store.close()
+            await patient.close()
+
+
+def test_the_min_replicas_timeout_must_end_before_the_socket_timeout() -> None:
+    with pytest.raises(ValueError, match="less than the socket timeout"):
+        RedisStore.from_url("redis://127.0.0.1:9", min_replicas=1, min_replicas_timeout=0.5)
+    with pytest.raises(ValueError, match="more than 0"):
+        RedisStore.from_url("redis://127.0.0.1:9", min_replicas=1, min_replicas_timeout=0)

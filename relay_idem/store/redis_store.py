@@ -40,11 +40,24 @@ T = TypeVar("T")
 DEFAULT_SOCKET_TIMEOUT = 0.5
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 2.0
-DEFAULT_REPLICA_TIMEOUT = 0.2
+# How long a claim or completion waits for ``min_replicas`` acknowledgements (``WAIT``). A healthy
+# replica acknowledges within a millisecond or so, so this is only reached when one is down or far
+# behind: it is how long a keyed request takes to fail then. It must end before the socket timeout,
+# or the WAIT would end as a dropped connection rather than a clean "N of M replicas" error (README).
+DEFAULT_MIN_REPLICAS_TIMEOUT = 0.4
 
 
 def _milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def check_min_replicas_timeout(timeout: float, socket_timeout: float) -> None:
+    """``ValueError`` unless ``WAIT`` with ``timeout`` can end before the connection's ``socket_timeout``."""
+    if not 0 < timeout < socket_timeout:
+        raise ValueError(
+            f"min_replicas_timeout must be more than 0 and less than the socket timeout ({socket_timeout:g} s), "
+            f"not {timeout:g}"
+        )
 
 
 def _host_ports(netloc: str, url: str) -> list[tuple[str, int]]:
@@ -159,11 +172,11 @@ class RedisStore:
         *,
         prefix: str = "relay-idem",
         min_replicas: int = 0,
-        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        min_replicas_timeout: float = DEFAULT_MIN_REPLICAS_TIMEOUT,
         multiplexed: MultiplexedRedis | None = None,
         watcher: PrimaryWatcher | None = None,
     ) -> None:
-        replication = Replication(min_replicas, replica_timeout) if min_replicas else None
+        replication = Replication(min_replicas, min_replicas_timeout) if min_replicas else None
         self.redis = redis
         self.prefix = prefix
         self.channel = f"{prefix}:done"
@@ -185,20 +198,23 @@ class RedisStore:
         *,
         prefix: str = "relay-idem",
         min_replicas: int = 0,
-        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        min_replicas_timeout: float = DEFAULT_MIN_REPLICAS_TIMEOUT,
         **options: Any,
     ) -> RedisStore:
         """A store for ``url`` (see :func:`connect_url`); ``options`` go to the redis-py client.
 
-        ``min_replicas=N`` makes every claim and completion wait up to ``replica_timeout`` seconds
-        for N replicas to acknowledge it (``WAIT``); fewer is a store error.
+        ``min_replicas=N`` makes every claim and completion wait up to ``min_replicas_timeout``
+        seconds for N replicas to acknowledge it (``WAIT``); fewer is a store error. The timeout must
+        be shorter than the socket timeout (``socket_timeout``, 0.5 s unless given).
         """
+        if min_replicas:
+            check_min_replicas_timeout(min_replicas_timeout, options.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT))
         connections = connect_url(url, **options)
         return cls(
             connections.client,
             prefix=prefix,
             min_replicas=min_replicas,
-            replica_timeout=replica_timeout,
+            min_replicas_timeout=min_replicas_timeout,
             multiplexed=connections.multiplexed,
             watcher=connections.watcher,
         )
