@@ -1,4 +1,9 @@
-"""RFC 9457 problem+json responses for every error relay-idem produces itself (SPEC §3.7)."""
+"""RFC 9457 problem+json responses for every error relay-idem produces itself (SPEC §3.7).
+
+Each situation has its own ``type``: a ``tag:`` URI (RFC 4151), which RFC 9457 §3.1.1 suggests
+for types that are not meant to be dereferenced. This project owns no domain its types could
+resolve under; the README's "Problem types" table says what each one means.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from dataclasses import dataclass
 
 from starlette.types import Send
 
-TYPE_BASE = "https://relay-idem.dev/problems/"
+TYPE_BASE = "tag:relay-idem,2026:problems/"
 
 
 @dataclass(frozen=True, slots=True)

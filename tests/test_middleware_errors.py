@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,13 +136,32 @@ async def test_every_error_is_problem_json_with_a_distinct_type() -> None:
     assert app.calls == 1
 
 
-def test_problem_types_are_distinct_uris_including_the_proxy_ones() -> None:
-    from relay_idem import problems
+def defined_problems() -> list[Problem]:
+    """Every problem type relay-idem answers with: the middleware's, the proxy's and the demo's."""
+    from relay_idem import demo, problems, proxy
 
-    defined = [value for value in vars(problems).values() if isinstance(value, Problem)]
-    assert len(defined) >= 11
+    modules = (problems, proxy, demo)
+    return [value for module in modules for value in vars(module).values() if isinstance(value, Problem)]
+
+
+# RFC 4151: tag:<authority>,<date>:<specific>, the authority a DNS name, the date YYYY[-MM[-DD]].
+TAG_URI = re.compile(r"tag:[a-z0-9.-]+,\d{4}(-\d{2}){0,2}:[A-Za-z0-9/._~-]+")
+
+
+def test_problem_types_are_distinct_tag_uris_each_ending_in_its_slug() -> None:
+    defined = set(defined_problems())
+    assert len(defined) >= 15
     assert len({problem.type for problem in defined}) == len(defined)
-    assert all(problem.type.startswith("https://") for problem in defined)
+    for problem in defined:
+        # SPEC §8.2: a client recognises a type by its last path segment ("…/invalid-key").
+        assert TAG_URI.fullmatch(problem.type), problem.type
+        assert problem.type.startswith(TYPE_BASE) and problem.type.endswith("/" + problem.slug)
+
+
+def test_the_readme_lists_every_problem_type_with_its_status() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(tag:[^`]+)` \| (\d{3})", readme, flags=re.MULTILINE))
+    assert rows == {problem.type: str(problem.status) for problem in defined_problems()}
 
 
 @pytest.mark.parametrize("retry_after", [0, 1, 7])
