@@ -2,6 +2,7 @@
 
 from relay_idem.middleware import IdempotencyMiddleware
 from relay_idem.options import IdempotencyConfig, default_final_status
+from relay_idem.routes import RoutePolicy
 from relay_idem.scopes import authorization_scope, header_scope
 from relay_idem.store import MemoryStore, RedisStore, Store
 
@@ -12,6 +13,7 @@ __all__ = [
     "IdempotencyMiddleware",
     "MemoryStore",
     "RedisStore",
+    "RoutePolicy",
     "Store",
     "__version__",
     "authorization_scope",

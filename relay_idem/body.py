@@ -19,7 +19,15 @@ def declared_length(value: bytes | None) -> int | None:
 
 
 class BodyTooLarge(Exception):
-    """The body is larger than the limit: declared by Content-Length or counted while reading."""
+    """The body is larger than the limit: declared by Content-Length or counted while reading.
+
+    ``read`` is what was read before that was known; ``more_body``: the rest is still to be received.
+    """
+
+    def __init__(self, read: bytes = b"", more_body: bool = True) -> None:
+        super().__init__()
+        self.read = read
+        self.more_body = more_body
 
 
 async def read_body(receive: Receive, *, limit: int, content_length: int | None) -> bytes:
@@ -34,8 +42,8 @@ async def read_body(receive: Receive, *, limit: int, content_length: int | None)
             raise ClientDisconnected
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
         chunks.append(chunk)
+        if size > limit:
+            raise BodyTooLarge(b"".join(chunks), message.get("more_body", False))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -38,7 +38,7 @@ class Execution:
     def __init__(self, middleware: IdempotencyMiddleware, request: KeyedRequest, claim: Claim) -> None:
         assert claim.token is not None
         self.middleware = middleware
-        self.config = middleware.config
+        self.config = request.config
         self.store = middleware.store
         self.request = request
         self.token = claim.token
@@ -155,6 +155,9 @@ class Execution:
             await self.release()
             return
         headers = tuple(end_to_end(self.start.get("headers", ())))
+        excluded = self.request.policy.excluded
+        if excluded:  # replay_exclude_headers: not stored, so never replayed
+            headers = tuple((name, value) for name, value in headers if name.lower() not in excluded)
         if self.oversized:
             logger.warning(
                 "relay-idem: response of %d+ bytes over max_response_bytes; stored without its body (key %s…)",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -14,7 +13,7 @@ from relay_idem.body import BodyTooLarge, declared_length, read_body
 from relay_idem.exceptions import ClientDisconnected, StoreUnavailable
 from relay_idem.execution import Execution
 from relay_idem.fingerprint import request_fingerprint
-from relay_idem.keys import InvalidKey, parse_key, record_key
+from relay_idem.keys import InvalidKey, json_key, parse_key, record_key
 from relay_idem.metrics import OUTCOME, STORE_TIME
 from relay_idem.options import (
     ConflictPolicy,
@@ -33,29 +32,36 @@ from relay_idem.problems import (
     STORE_UNAVAILABLE,
     send_problem,
 )
+from relay_idem.routes import OPTION_NAMES, Policy, Route, RoutePolicy, route_policy
 from relay_idem.scopes import ScopeFunction
 from relay_idem.store.base import Claim, Store, StoredResponse
 from relay_idem.store.memory import MemoryStore
 
 logger = logging.getLogger(__name__)
 
-OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(IdempotencyConfig))
-
 # Seconds a client is told to wait before repeating a request that is still in progress, or after
 # the store failed.
 RETRY_AFTER = 1
 
 
-def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
-    """The stored headers in their order, marked as a replay (SPEC §3.3, §6a for tombstones)."""
+def replay_headers(response: StoredResponse, excluded: Collection[bytes] = ()) -> list[tuple[bytes, bytes]]:
+    """The stored headers in their order, marked as a replay (SPEC §3.3, §6a for tombstones).
+
+    ``excluded`` (``replay_exclude_headers``) are not stored in the first place; they are dropped
+    here too, from records stored before they were excluded.
+    """
+    headers = response.headers
+    if excluded:
+        headers = tuple((name, value) for name, value in headers if name not in excluded)
     if not response.body_omitted:
-        return [*response.headers, (b"idempotent-replayed", b"true")]
-    kept = [(name, value) for name, value in response.headers if name != b"content-length"]
+        return [*headers, (b"idempotent-replayed", b"true")]
+    kept = [(name, value) for name, value in headers if name != b"content-length"]
     return [*kept, (b"content-length", b"0"), (b"idempotent-replayed", b"true"), (b"idempotent-body-omitted", b"true")]
 
 
-async def send_replay(send: Send, response: StoredResponse) -> None:
-    await send({"type": "http.response.start", "status": response.status, "headers": replay_headers(response)})
+async def send_replay(send: Send, response: StoredResponse, excluded: Collection[bytes] = ()) -> None:
+    headers = replay_headers(response, excluded)
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 
 
@@ -90,21 +96,32 @@ class IdempotencyMiddleware:
         max_request_bytes: int | None = None,
         max_response_bytes: int | None = None,
         on_store_error: StoreErrorPolicy | None = None,
+        routes: Collection[RoutePolicy] | None = None,
+        key: str | None = None,
+        replay_exclude_headers: Collection[str] | None = None,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES and value is not None}
         config = config or IdempotencyConfig()
         self.app = app
         self.store: Store = store if store is not None else MemoryStore()
         self.config = dataclasses.replace(config, **given) if given else config
-        self.methods = frozenset(method.upper() for method in self.config.methods)
-        self.header = self.config.header_name.lower().encode("latin-1")
-        self.required_paths = tuple(self.config.require_key)
-        self.fingerprint_headers = tuple(name.lower().encode("latin-1") for name in self.config.fingerprint_headers)
+        # The middleware's own options, for requests no route matches.
+        self.policy = Policy.build(self.config)
+        self.routes = tuple(Route.build(self.config, route) for route in self.config.routes)
+        # Routes, or a key in the body, take the general path; otherwise a request without a key
+        # costs one set lookup and one scan of its headers.
+        self.routed = bool(self.routes) or self.policy.source.header is None
+        self.methods = self.policy.methods.union(*(route.policy.methods for route in self.routes))
+        self.header = self.policy.source.header
+        self.required_paths = self.policy.required_paths
         self.waiting = 0  # repeats of this process waiting in on_conflict="wait" mode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
             await self.app(scope, receive, send)
+            return
+        if self.routed:
+            await self.call_routed(scope, receive, send)
             return
         key_headers: list[bytes] = []
         content_length: bytes | None = None
@@ -114,39 +131,112 @@ class IdempotencyMiddleware:
             elif name == b"content-length":
                 content_length = value
         if not key_headers:
-            if self.required_paths and self.key_required(scope["path"]):
-                OUTCOME["invalid"].inc()
-                detail = f"{scope['method']} {scope['path']} requires an {self.config.header_name}"
-                await send_problem(send, KEY_REQUIRED, detail)
+            if self.required_paths is not None and self.required_paths(scope["path"]):
+                await self.reject_keyless(self.policy, scope, send)
                 return
             OUTCOME["bypass"].inc()
             await self.app(scope, receive, send)  # not via a helper: no extra frame under every request
             return
+        await self.call_keyed(self.policy, scope, receive, send, key_headers, content_length)
+
+    async def call_routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request under routes or a JSON key source: its policy first, then its key."""
+        policy = route_policy(self.routes, self.policy, scope["method"], scope["path"]) if self.routes else self.policy
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        if policy.source.header is None:
+            await self.call_json_keyed(policy, scope, receive, send)
+            return
+        key_headers: list[bytes] = []
+        content_length: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == policy.source.header:
+                key_headers.append(value)
+            elif name == b"content-length":
+                content_length = value
+        if not key_headers:
+            await self.call_keyless(policy, scope, receive, send)
+            return
+        await self.call_keyed(policy, scope, receive, send, key_headers, content_length)
+
+    async def call_keyless(self, policy: Policy, scope: Scope, receive: Receive, send: Send) -> None:
+        if policy.key_required(scope["path"]):
+            await self.reject_keyless(policy, scope, send)
+            return
+        OUTCOME["bypass"].inc()
+        await self.app(scope, receive, send)
+
+    async def reject_keyless(self, policy: Policy, scope: Scope, send: Send) -> None:
+        OUTCOME["invalid"].inc()
+        detail = f"{scope['method']} {scope['path']} requires a key ({policy.source.label})"
+        await send_problem(send, KEY_REQUIRED, detail)
+
+    async def call_keyed(
+        self,
+        policy: Policy,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        key_headers: list[bytes],
+        content_length: bytes | None,
+    ) -> None:
+        """A request with a key header: check it, read the body, then claim the key."""
         if len(key_headers) > 1:
             OUTCOME["invalid"].inc()
-            await send_problem(send, DUPLICATE_KEY_HEADER, f"send exactly one {self.config.header_name} header")
+            await send_problem(send, DUPLICATE_KEY_HEADER, f"send exactly one {policy.source.label} header")
             return
         try:
             key = parse_key(key_headers[0])
         except InvalidKey as exc:
             OUTCOME["invalid"].inc()
-            await send_problem(send, INVALID_KEY, f"{self.config.header_name}: {exc}")
+            await send_problem(send, INVALID_KEY, f"{policy.source.label}: {exc}")
             return
+        config = policy.config
         try:
             body = await read_body(
-                receive,
-                limit=self.config.max_request_bytes,
-                content_length=declared_length(content_length),
+                receive, limit=config.max_request_bytes, content_length=declared_length(content_length)
             )
         except BodyTooLarge:
             OUTCOME["invalid"].inc()
-            limit = self.config.max_request_bytes
+            limit = config.max_request_bytes
             await send_problem(send, REQUEST_TOO_LARGE, f"a keyed request body may be at most {limit} bytes")
             return
         except ClientDisconnected:
             return
-        tenant = self.config.scope(scope)
-        request = KeyedRequest(
+        await self.handle(self.keyed_request(policy, scope, receive, send, body, key))
+
+    async def call_json_keyed(self, policy: Policy, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request whose key is a field of its JSON body (SPEC §8.2): read the body, then look."""
+        content_length = next((value for name, value in scope["headers"] if name == b"content-length"), None)
+        try:
+            body = await read_body(
+                receive, limit=policy.config.max_request_bytes, content_length=declared_length(content_length)
+            )
+        except BodyTooLarge as exc:  # too large to hold a key: "no key", and the app gets all of it
+            resumed = receive_read(exc.read, receive, more_body=exc.more_body) if exc.read else receive
+            await self.call_keyless(policy, scope, resumed, send)
+            return
+        except ClientDisconnected:
+            return
+        else:
+            try:
+                key = json_key(body, policy.source.json_path)
+            except InvalidKey as exc:
+                OUTCOME["invalid"].inc()
+                await send_problem(send, INVALID_KEY, f"{policy.source.label}: {exc}")
+                return
+        if key is None:
+            await self.call_keyless(policy, scope, receive_read(body, receive), send)
+            return
+        await self.handle(self.keyed_request(policy, scope, receive, send, body, key))
+
+    def keyed_request(
+        self, policy: Policy, scope: Scope, receive: Receive, send: Send, body: bytes, key: str
+    ) -> KeyedRequest:
+        config = policy.config
+        tenant = config.scope(scope)
+        return KeyedRequest(
             scope=scope,
             receive=receive,
             send=send,
@@ -154,18 +244,13 @@ class IdempotencyMiddleware:
             key=key,
             tenant=tenant,
             store_key=record_key(self.store.prefix, tenant, key),
-            fingerprint=request_fingerprint(
-                scope, body, mode=self.config.fingerprint, headers=self.fingerprint_headers
-            ),
+            fingerprint=request_fingerprint(scope, body, mode=config.fingerprint, headers=policy.fingerprint_headers),
+            policy=policy,
         )
-        await self.handle(request)
-
-    def key_required(self, path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.required_paths)
 
     async def begin(self, request: KeyedRequest) -> Claim:
         started = time.perf_counter()
-        claim = await self.store.begin(request.store_key, request.fingerprint, self.config.lock_ttl)
+        claim = await self.store.begin(request.store_key, request.fingerprint, request.config.lock_ttl)
         STORE_TIME["begin"].observe(time.perf_counter() - started)
         return claim
 
@@ -173,7 +258,7 @@ class IdempotencyMiddleware:
         looked_at = time.monotonic()
         try:
             claim = await self.begin(request)
-            if not claim.acquired and claim.record.response is None and self.config.on_conflict == "wait":
+            if not claim.acquired and claim.record.response is None and request.config.on_conflict == "wait":
                 if self.record_mismatch(claim, request):
                     await self.reject_mismatch(request)
                     return
@@ -187,7 +272,7 @@ class IdempotencyMiddleware:
             await self.reject_mismatch(request)
         elif claim.record.response is not None:
             OUTCOME["replayed"].inc()
-            await send_replay(request.send, claim.record.response)
+            await send_replay(request.send, claim.record.response, request.policy.excluded)
         else:
             OUTCOME["conflict"].inc()
             await send_problem(
@@ -198,7 +283,7 @@ class IdempotencyMiddleware:
             )
 
     def record_mismatch(self, claim: Claim, request: KeyedRequest) -> bool:
-        return claim.record.fingerprint != request.fingerprint and self.config.on_mismatch == "reject"
+        return claim.record.fingerprint != request.fingerprint and request.config.on_mismatch == "reject"
 
     async def reject_mismatch(self, request: KeyedRequest) -> None:
         OUTCOME["mismatch"].inc()
@@ -211,11 +296,11 @@ class IdempotencyMiddleware:
 
         Returns the last claim seen; one still in progress means the wait timed out.
         """
-        if self.waiting >= self.config.max_waiters:
+        if self.waiting >= request.config.max_waiters:
             return claim
         self.waiting += 1
         try:
-            deadline = looked_at + self.config.wait_timeout
+            deadline = looked_at + request.config.wait_timeout
             while (remaining := deadline - time.monotonic()) > 0:
                 await self.store.wait(request.store_key, looked_at, remaining)
                 looked_at = time.monotonic()
@@ -229,9 +314,9 @@ class IdempotencyMiddleware:
     async def store_failed(self, request: KeyedRequest, exc: StoreUnavailable) -> None:
         OUTCOME["store_error"].inc()
         logger.warning(
-            "relay-idem: store unavailable before the claim (%s); on_store_error=%s", exc, self.config.on_store_error
+            "relay-idem: store unavailable before the claim (%s); on_store_error=%s", exc, request.config.on_store_error
         )
-        if self.config.on_store_error == "open":
+        if request.config.on_store_error == "open":
             await self.app(request.scope, request.receive_replayed(), request.send)
             return
         await send_problem(
@@ -254,16 +339,30 @@ class KeyedRequest:
     tenant: str
     store_key: str
     fingerprint: bytes
+    policy: Policy
+
+    @property
+    def config(self) -> IdempotencyConfig:
+        return self.policy.config
 
     def receive_replayed(self) -> Receive:
         """A ``receive`` that hands the app the buffered body, then the real channel (for disconnects)."""
-        body_replayed = False
+        return receive_read(self.body, self.receive)
 
-        async def receive() -> Message:
-            nonlocal body_replayed
-            if body_replayed:
-                return await self.receive()
-            body_replayed = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
 
-        return receive
+def receive_read(body: bytes, receive: Receive, *, more_body: bool = False) -> Receive:
+    """A ``receive`` that hands the app ``body``, already read, then the real channel.
+
+    ``more_body``: the body goes on in ``receive`` (a body read in part); else the real channel only
+    carries a disconnect.
+    """
+    body_replayed = False
+
+    async def receive_replayed() -> Message:
+        nonlocal body_replayed
+        if body_replayed:
+            return await receive()
+        body_replayed = True
+        return {"type": "http.request", "body": body, "more_body": more_body}
+
+    return receive_replayed

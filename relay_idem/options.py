@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from relay_idem.keys import KeySource
 from relay_idem.scopes import ScopeFunction, authorization_scope
+
+if TYPE_CHECKING:
+    from relay_idem.routes import RoutePolicy
 
 ConflictPolicy = Literal["reject", "wait"]
 MismatchPolicy = Literal["reject", "replay"]
@@ -52,12 +56,18 @@ class IdempotencyConfig:
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 1024 * 1024
     on_store_error: StoreErrorPolicy = "closed"
+    routes: Collection[RoutePolicy] = ()
+    key: str | None = None
+    replay_exclude_headers: Collection[str] = ()
 
     def __post_init__(self) -> None:
         if not self.header_name or not self.header_name.isascii():
             raise ValueError(f"header_name must be a non-empty ASCII header name, not {self.header_name!r}")
-        if isinstance(self.methods, str) or isinstance(self.require_key, str):
-            raise ValueError("methods and require_key take a collection of strings, not one string")
+        for name in ("methods", "require_key", "fingerprint_headers", "replay_exclude_headers", "routes"):
+            if isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} takes a collection, not one string")
+        if self.key is not None:
+            KeySource.parse(self.key)
         _check_choice("on_conflict", self.on_conflict, ("reject", "wait"))
         _check_choice("on_mismatch", self.on_mismatch, ("reject", "replay"))
         _check_choice("fingerprint", self.fingerprint, ("raw", "json"))
@@ -67,3 +77,8 @@ class IdempotencyConfig:
         for name in ("max_waiters", "max_request_bytes", "max_response_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
+
+    @property
+    def key_source(self) -> KeySource:
+        """Where the key comes from: the ``key`` option, or the ``header_name`` header."""
+        return KeySource.parse(self.key if self.key is not None else f"header:{self.header_name}")

@@ -22,6 +22,7 @@ SPEC_EXPORTS = {
     "header_scope",
     "default_final_status",
     "__version__",
+    "RoutePolicy",
 }
 
 
@@ -96,6 +97,9 @@ def test_idempotency_config_is_a_frozen_dataclass_with_every_spec_option() -> No
         "max_request_bytes": 1024 * 1024,
         "max_response_bytes": 1024 * 1024,
         "on_store_error": "closed",
+        "routes": (),
+        "key": None,
+        "replay_exclude_headers": (),
     }
 
 
