@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relay_idem.demo import build_demo_app
+from tests.apps import Result, call
 from tests.servers import free_port, serve
 
 pytestmark = pytest.mark.anyio
@@ -91,6 +95,12 @@ async def test_a_message_needs_a_key() -> None:
         (b"[1, 2]", "demo/invalid-message", "JSON object"),
         (b'{"to": "+5511999998888"}', "demo/invalid-message", "template"),
         (b'{"template": "t", "to": ""}', "demo/invalid-message", "to"),
+        # Issue 12: these were 500 text/plain (RecursionError, or JSON that cannot be sent back), replayed.
+        (b"[" * 5000, "demo/invalid-json", "JSON object"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "demo/invalid-json", "JSON object"),
+        (b'{"to": "+1", "template": "t", "variables": {"1": 1e999}}', "demo/invalid-json", "JSON object"),
+        (b'{"to": "+1", "template": "t", "variables": {"1": NaN}}', "demo/invalid-json", "JSON object"),
+        (b'{"to": "\\ud800", "template": "t"}', "demo/invalid-json", "JSON object"),
     ],
 )
 async def test_invalid_messages_are_400_problems(body: bytes, slug: str, detail: str) -> None:
@@ -163,3 +173,66 @@ def test_the_readme_flow_against_a_real_demo_process(demo_server: str) -> None:
     assert second.headers["idempotent-replayed"] == "true"
     assert second.content == first.content
     assert stats.json() == {"dispatched": 1}
+
+
+# --- fuzzing: no input gets a 5xx from the demo (issue 12) -------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+# Texts a JSON parser accepts but that cannot be sent back as JSON: non-finite numbers and lone surrogates.
+awkward_values = st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "-Infinity", '"\\ud800"', '"a\\udfffb"'])
+nesting = st.integers(min_value=1, max_value=20_000)
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda value: json.dumps(value).encode()),
+    st.builds(
+        lambda to, template, variables: json.dumps({"to": to, "template": template, "variables": variables}).encode(),
+        st.text(min_size=1, max_size=10),
+        st.text(min_size=1, max_size=10),
+        json_values,
+    ),
+    awkward_values.map(lambda value: b'{"to": "+1", "template": "t", "variables": {"1": ' + value.encode() + b"}}"),
+    awkward_values.map(lambda value: b'{"to": ' + value.encode() + b', "template": "t"}'),
+    nesting.map(lambda depth: b"[" * depth),
+    nesting.map(lambda depth: b"[" * depth + b"]" * depth),
+    nesting.map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
+    nesting.map(lambda depth: b'{"to": "+1", "template": "t", "variables": ' + b"[" * depth + b"]" * depth + b"}"),
+)
+header_names = st.sampled_from(
+    [b"idempotency-key", b"content-type", b"content-length", b"authorization", b"accept", b"x-other"]
+) | st.binary(min_size=1, max_size=12)
+fuzz_headers = st.lists(st.tuples(header_names, st.binary(max_size=40)), max_size=5)
+message_ids = st.text(max_size=30).filter(lambda text: "/" not in text)
+
+
+def demo_problem(result: Result) -> bool:
+    return result.header(b"content-type") == b"application/problem+json" and "type" in result.json()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=bodies, headers=fuzz_headers, keyed=st.booleans(), message_id=message_ids)
+def test_no_body_or_header_gets_a_5xx_from_the_demo(
+    body: bytes, headers: list[tuple[bytes, bytes]], keyed: bool, message_id: str
+) -> None:
+    """Arbitrary bytes, JSON, deeply nested JSON (`[` x 5,000 was a 500 RecursionError, replayed for
+    the key) and arbitrary headers: every answer is below 500, every error a problem+json, and every
+    message the demo accepted can be shown again."""
+    app = build_demo_app()
+    if keyed:
+        headers = [*headers, (b"idempotency-key", b"fuzz-key")]
+
+    async def exercise() -> list[Result]:
+        first = await call(app, path="/v1/messages", headers=headers, body=body)
+        repeat = await call(app, path="/v1/messages", headers=headers, body=body)
+        results = [first, repeat, await call(app, method="GET", path=f"/v1/messages/{message_id}")]
+        if first.status == 202:
+            results.append(await call(app, method="GET", path=f"/v1/messages/{first.json()['id']}"))
+            assert results[-1].status == 200
+        return results
+
+    for result in asyncio.run(exercise()):
+        assert result.status < 500, (result.status, result.body[:200])
+        assert result.status < 400 or demo_problem(result), (result.status, result.headers, result.body[:200])
