@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -262,7 +263,10 @@ class IdempotencyMiddleware:
                 if self.record_mismatch(claim, request):
                     await self.reject_mismatch(request)
                     return
-                claim = await self.wait_for_outcome(request, claim, looked_at)
+                waited = await self.wait_for_outcome(request, claim, looked_at)
+                if waited is None:
+                    return  # the client went away while it waited: nobody to answer
+                claim = waited
         except StoreUnavailable as exc:
             await self.store_failed(request, exc)
             return
@@ -291,18 +295,26 @@ class IdempotencyMiddleware:
             request.send, KEY_REUSED, "this key was first used with a different request (method, path or body)"
         )
 
-    async def wait_for_outcome(self, request: KeyedRequest, claim: Claim, looked_at: float) -> Claim:
+    async def wait_for_outcome(self, request: KeyedRequest, claim: Claim, looked_at: float) -> Claim | None:
         """Wait for the first request to finish: its completion, its release (we take over) or the timeout.
 
-        Returns the last claim seen; one still in progress means the wait timed out.
+        Returns the last claim seen (one still in progress means the wait timed out), or None if the
+        client disconnected meanwhile: its ``max_waiters`` slot is freed at once, not when the first
+        request finishes or ``wait_timeout`` ends (issue 12).
         """
         if self.waiting >= request.config.max_waiters:
             return claim
         self.waiting += 1
+        gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
+        woken: asyncio.Future[None] | None = None
         try:
             deadline = looked_at + request.config.wait_timeout
             while (remaining := deadline - time.monotonic()) > 0:
-                await self.store.wait(request.store_key, looked_at, remaining)
+                woken = asyncio.ensure_future(self.store.wait(request.store_key, looked_at, remaining))
+                await asyncio.wait((woken, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not woken.done():
+                    return None
+                woken.result()
                 looked_at = time.monotonic()
                 claim = await self.begin(request)
                 if claim.acquired or claim.record.response is not None:
@@ -310,6 +322,13 @@ class IdempotencyMiddleware:
             return claim
         finally:
             self.waiting -= 1
+            if woken is not None:
+                woken.cancel()
+            # The body was read whole, so the only message left is the disconnect: a waiter that
+            # takes the key over hands its app a receive() of its own.
+            gone.cancel()
+            if gone.done() and not gone.cancelled():
+                gone.exception()  # retrieved, so that a receive() that raised is not logged as lost
 
     async def store_failed(self, request: KeyedRequest, exc: StoreUnavailable) -> None:
         OUTCOME["store_error"].inc()
@@ -325,6 +344,12 @@ class IdempotencyMiddleware:
             "the idempotency store did not answer; the request was not processed",
             retry_after=RETRY_AFTER,
         )
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns once the client has gone (read after the whole body, so nothing else is lost)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @dataclasses.dataclass(slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from relay_idem.fingerprint import request_fingerprint
 from relay_idem.keys import record_key
 from relay_idem.scopes import ANONYMOUS_SCOPE
 from tests.apps import Counter, Echo, Message, Result, Slow, Statuses, call, client, idem, make_scope
+from tests.relay_processes import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -129,6 +131,51 @@ async def test_wait_mode_over_max_waiters_is_409_at_once() -> None:
     await first
     assert [(await task).status for task in waiting] == [200, 200]
     assert middleware.waiting == 0
+    assert app.calls == 1
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    async def check() -> bool:
+        return predicate()
+
+    await wait_for(check, timeout=5.0, what=what, interval=0.01)
+
+
+async def test_a_waiter_whose_client_disconnects_frees_its_max_waiters_slot_at_once(store: Store) -> None:
+    """Issue 12: the slot was held until the first request finished or wait_timeout ended."""
+    gate = asyncio.Event()
+    app = Slow(gate)
+    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=30, max_waiters=1)
+    first = await start_first(middleware, app)
+    hang_up = asyncio.Event()
+    sent: list[Message] = []
+    body_sent = False
+
+    async def receive() -> Message:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    gone = asyncio.create_task(middleware(make_scope(headers=idem("k")), receive, send))
+    await until(lambda: middleware.waiting == 1, "the repeat to wait")
+    hang_up.set()
+    await asyncio.wait_for(gone, 5.0)  # returns at once, the first request still running
+    assert not first.done()
+    assert middleware.waiting == 0
+    assert sent == []  # nobody to answer
+    second = asyncio.create_task(call(middleware, headers=idem("k")))
+    await until(lambda: middleware.waiting == 1, "a second repeat to take the freed slot")
+    gate.set()
+    assert (await first).status == 200
+    replay = await asyncio.wait_for(second, 5.0)
+    assert replay.status == 200
+    assert replay.header(b"idempotent-replayed") == b"true"
     assert app.calls == 1
 
 
