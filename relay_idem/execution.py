@@ -11,6 +11,7 @@ from starlette.types import Message
 
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.headers import end_to_end
+from relay_idem.lease import Lease
 from relay_idem.metrics import LEASE_LOST, OUTCOME, STORE_TIME
 from relay_idem.problems import APP_ERROR, problem_body, problem_headers
 from relay_idem.store.base import Claim, Record, StoredResponse
@@ -48,8 +49,7 @@ class Execution:
         self.size = 0
         self.oversized = False
         self.client_gone = False
-        self.renewal_timer: asyncio.TimerHandle | None = None
-        self.renewal: asyncio.Task[None] | None = None
+        self.lease = Lease(middleware.store, request.store_key, claim.token, self.config.lock_ttl, request.key[:4])
         self.last_message: asyncio.Future[None] | None = None
         # What the app sees as scope["extensions"]["idempotency"]. An app that knows its response
         # means "not processed" (the proxy, when its upstream could not be connected to) sets
@@ -70,15 +70,14 @@ class Execution:
         return {**scope, "extensions": extensions}
 
     async def run(self) -> None:
-        interval = self.config.lock_ttl / 3
-        self.renewal_timer = asyncio.get_running_loop().call_later(interval, self.start_renewal, interval)
+        self.lease.start()
         try:
             await self.middleware.app(self.app_scope(), self.request.receive_replayed(), self.send_recording)
         except BaseException:
             await self.finish_after_failure("raised an exception")
             raise
         finally:
-            self.stop_renewal()
+            self.lease.stop()
         if self.last_message is not None:
             await self.last_message
         else:
@@ -117,31 +116,6 @@ class Execution:
         elif chunk:
             self.chunks.append(chunk)
 
-    def start_renewal(self, interval: float) -> None:
-        self.renewal = asyncio.create_task(self.renew_lease(interval))
-
-    def stop_renewal(self) -> None:
-        """Before the outcome is written: a renewal that ran after it would find the claim gone."""
-        if self.renewal_timer is not None:
-            self.renewal_timer.cancel()
-        if self.renewal is not None:
-            self.renewal.cancel()
-
-    async def renew_lease(self, interval: float) -> None:
-        """Keep the claim while the app runs past ``lock_ttl / 3``; a lost lease is logged, not fatal."""
-        while True:
-            started = time.perf_counter()
-            try:
-                renewed = await self.store.renew(self.request.store_key, self.token, self.config.lock_ttl)
-            except StoreUnavailable as exc:
-                logger.warning("relay-idem: lease renewal failed (%s)", exc)
-            else:
-                STORE_TIME["renew"].observe(time.perf_counter() - started)
-                if not renewed:
-                    logger.warning("relay-idem: lease lost while the app was running (key %s…)", self.key_hint)
-                    return
-            await asyncio.sleep(interval)
-
     @property
     def key_hint(self) -> str:
         """Enough of the key to find it in logs, never the whole key of a tenant."""
@@ -149,7 +123,7 @@ class Execution:
 
     async def finish(self) -> None:
         assert self.start is not None
-        self.stop_renewal()
+        self.lease.stop()
         status: int = self.start["status"]
         if self.claim_extension["processed"] is False or not self.config.final_status(status):
             await self.release()
@@ -174,7 +148,7 @@ class Execution:
         if self.last_message is not None:
             await self.last_message  # it finished first: its response goes out whole, then we re-raise
             return
-        self.stop_renewal()
+        self.lease.stop()
         logger.warning("relay-idem: the app %s; the key's outcome is stored as a 500 (key %s…)", what, self.key_hint)
         if self.start is not None:
             # Part of a response already went out: record that it broke, without a body.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -15,6 +16,7 @@ from relay_idem.exceptions import ClientDisconnected, StoreUnavailable
 from relay_idem.execution import Execution
 from relay_idem.fingerprint import request_fingerprint
 from relay_idem.keys import InvalidKey, json_key, parse_key, record_key
+from relay_idem.lease import wait_for_outcome
 from relay_idem.metrics import OUTCOME, STORE_TIME
 from relay_idem.options import (
     ConflictPolicy,
@@ -306,24 +308,12 @@ class IdempotencyMiddleware:
             return claim
         self.waiting += 1
         gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
-        woken: asyncio.Future[None] | None = None
         try:
-            deadline = looked_at + request.config.wait_timeout
-            while (remaining := deadline - time.monotonic()) > 0:
-                woken = asyncio.ensure_future(self.store.wait(request.store_key, looked_at, remaining))
-                await asyncio.wait((woken, gone), return_when=asyncio.FIRST_COMPLETED)
-                if not woken.done():
-                    return None
-                woken.result()
-                looked_at = time.monotonic()
-                claim = await self.begin(request)
-                if claim.acquired or claim.record.response is not None:
-                    return claim
-            return claim
+            timeout = request.config.wait_timeout
+            begin = functools.partial(self.begin, request)
+            return await wait_for_outcome(self.store, request.store_key, claim, looked_at, timeout, begin, gone)
         finally:
             self.waiting -= 1
-            if woken is not None:
-                woken.cancel()
             # The body was read whole, so the only message left is the disconnect: a waiter that
             # takes the key over hands its app a receive() of its own.
             gone.cancel()
