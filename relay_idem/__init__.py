@@ -1,5 +1,7 @@
 """relay-idem: the first request with an ``Idempotency-Key`` executes once; every repeat gets its response back."""
 
+from relay_idem.exceptions import KeyInProgress, KeyReused, StoreUnavailable
+from relay_idem.functions import idempotent
 from relay_idem.middleware import IdempotencyMiddleware
 from relay_idem.options import IdempotencyConfig, default_final_status
 from relay_idem.routes import RoutePolicy
@@ -11,12 +13,16 @@ __version__ = "0.1.0"
 __all__ = [
     "IdempotencyConfig",
     "IdempotencyMiddleware",
+    "KeyInProgress",
+    "KeyReused",
     "MemoryStore",
     "RedisStore",
     "RoutePolicy",
     "Store",
+    "StoreUnavailable",
     "__version__",
     "authorization_scope",
     "default_final_status",
     "header_scope",
+    "idempotent",
 ]

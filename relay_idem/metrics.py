@@ -9,11 +9,18 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, Counter, Histogram
 
 OUTCOMES = ("executed", "replayed", "conflict", "mismatch", "invalid", "bypass", "store_error", "not_stored")
+FUNCTION_OUTCOMES = ("executed", "replayed", "conflict", "mismatch", "released", "store_error", "not_stored")
 STORE_OPERATIONS = ("begin", "complete", "release", "renew")
 
 REQUESTS = Counter(
     "relay_idem_requests",
     "Requests seen by relay-idem, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+FUNCTION_CALLS = Counter(
+    "relay_idem_function_calls",
+    "Calls of @idempotent functions, by outcome (SPEC 8.4).",
     ["outcome"],
     registry=REGISTRY,
 )
@@ -32,4 +39,5 @@ LEASE_LOST = Counter(
 
 # Bound label children: the hot path skips the label lookup.
 OUTCOME = {outcome: REQUESTS.labels(outcome) for outcome in OUTCOMES}
+FUNCTION_OUTCOME = {outcome: FUNCTION_CALLS.labels(outcome) for outcome in FUNCTION_OUTCOMES}
 STORE_TIME = {op: STORE_SECONDS.labels(op) for op in STORE_OPERATIONS}

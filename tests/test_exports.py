@@ -23,6 +23,10 @@ SPEC_EXPORTS = {
     "default_final_status",
     "__version__",
     "RoutePolicy",
+    "idempotent",
+    "KeyInProgress",
+    "KeyReused",
+    "StoreUnavailable",
 }
 
 
