@@ -247,9 +247,18 @@ def prefix_flag() -> Callable[[F], F]:
       help="Largest response body kept for replay; larger ones are delivered but not kept.")  # fmt: skip
 @flag("on-store-error", default="closed", type=click.Choice(["closed", "open"]),
       help="Redis fails: 503 (closed) or pass requests through unprotected (open).")  # fmt: skip
+@flag("key", metavar="SOURCE",
+      help="Where the key comes from: 'header:NAME' or 'json:PATH' (a field of a JSON body, e.g. "
+           "'json:event.id'). Default: the --header-name header.")  # fmt: skip
+@flag("replay-exclude-header", multiple=True, type=ListType(), callback=flatten, metavar="NAME",
+      help="A response header neither stored nor replayed (e.g. set-cookie). Repeatable.")  # fmt: skip
+@flag("config", metavar="FILE", type=click.Path(dir_okay=False),
+      help="TOML file with these flags in snake_case and [[route]] tables (README: 'Routes'). "
+           "Flags and variables beat it.")  # fmt: skip
 @flag("log-level", default="info", type=click.Choice(LOG_LEVELS))
 @flag("access-log/--no-access-log", default=False, help="Log every request.")
-def proxy(**kwargs: Any) -> None:
+@click.pass_context
+def proxy(ctx: click.Context, /, **kwargs: Any) -> None:
     """Reverse proxy that makes an upstream app idempotent.
 
     \b
@@ -257,6 +266,11 @@ def proxy(**kwargs: Any) -> None:
 
     Its own endpoints: GET /_relay/healthz, /_relay/readyz, /_relay/metrics.
     """
+    config_file = kwargs.pop("config")
+    if config_file is not None:
+        from relay_idem import config_file as file
+
+        file.apply(ctx, config_file, kwargs)
     if kwargs["upstream"] is None:
         raise click.UsageError("Missing option '--upstream' (or RELAY_IDEM_UPSTREAM): the URL of the app to proxy")
     run(**kwargs)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from relay_idem.options import ConflictPolicy, FingerprintMode, IdempotencyConfig, MismatchPolicy, StoreErrorPolicy
+from relay_idem.routes import RoutePolicy
 from relay_idem.scopes import authorization_scope, header_scope
 from relay_idem.store import MemoryStore, RedisStore, Store
 from relay_idem.store.redis_store import DEFAULT_MIN_REPLICAS_TIMEOUT, DEFAULT_SOCKET_TIMEOUT
@@ -87,6 +88,10 @@ class Config:
     max_request_bytes: int = MIDDLEWARE_DEFAULTS.max_request_bytes
     max_response_bytes: int = MIDDLEWARE_DEFAULTS.max_response_bytes
     on_store_error: StoreErrorPolicy = MIDDLEWARE_DEFAULTS.on_store_error
+    key: str | None = MIDDLEWARE_DEFAULTS.key
+    replay_exclude_header: tuple[str, ...] = tuple(MIDDLEWARE_DEFAULTS.replay_exclude_headers)
+    # [[route]] tables of a --config file: plain values, so that they travel to worker processes as JSON.
+    routes: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         check_http_url("--upstream", self.upstream)
@@ -136,6 +141,9 @@ class Config:
             max_request_bytes=self.max_request_bytes,
             max_response_bytes=self.max_response_bytes,
             on_store_error=self.on_store_error,
+            key=self.key,
+            replay_exclude_headers=self.replay_exclude_header,
+            routes=tuple(RoutePolicy.from_table(route) for route in self.routes),
         )
 
     def open_store(self) -> Store:

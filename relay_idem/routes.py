@@ -92,6 +92,14 @@ class RoutePolicy:
         self.key = key
         self.options: Mapping[str, Any] = dict(options)
 
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> RoutePolicy:
+        """The route a ``[[route]]`` table describes: ``path`` and the other fields as keywords."""
+        options = dict(table)
+        if "path" not in options:
+            raise ValueError(f"a route needs a path: {table!r}")
+        return cls(options.pop("path"), **options)
+
     def __repr__(self) -> str:
         defaults = {"methods": None, "enabled": True, "require_key": None, "key": None}
         fields = {name: getattr(self, name) for name, default in defaults.items() if getattr(self, name) != default}

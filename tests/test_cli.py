@@ -51,7 +51,8 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
         "--require-key", "/b*,/c*", "--ttl", "60", "--lock-ttl", "3", "--on-conflict", "wait", "--wait-timeout", "2",
         "--on-mismatch", "replay", "--fingerprint", "json", "--fingerprint-header", "X-Tenant", "--scope-header",
         "X-Api-Key", "--max-waiters", "7", "--max-request-bytes", "2MiB", "--max-response-bytes", "512KiB",
-        "--on-store-error", "open", "--log-level", "debug", "--access-log",
+        "--on-store-error", "open", "--log-level", "debug", "--access-log", "--key", "json:event.id",
+        "--replay-exclude-header", "set-cookie", "--replay-exclude-header", "x-a,x-b",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = Config(**captured_run.call_args.kwargs)
@@ -62,7 +63,7 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
         require_key=("/a*", "/b*", "/c*"), ttl=60.0, lock_ttl=3.0, on_conflict="wait", wait_timeout=2.0,
         on_mismatch="replay", fingerprint="json", fingerprint_header=("X-Tenant",), scope_header="X-Api-Key",
         max_waiters=7, max_request_bytes=2 * 1024 * 1024, max_response_bytes=512 * 1024, on_store_error="open",
-        log_level="debug", access_log=True,
+        log_level="debug", access_log=True, key="json:event.id", replay_exclude_header=("set-cookie", "x-a", "x-b"),
     )  # fmt: skip
     idempotency = config.idempotency()
     assert idempotency.methods == ("POST", "PUT")
