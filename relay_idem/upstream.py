@@ -24,8 +24,8 @@ from relay_idem.exceptions import RelayIdemError
 
 RawHeaders = list[tuple[bytes, bytes]]
 RequestBody = bytes | AsyncIterable[bytes] | None
-UpstreamClientName = Literal["httpx", "aiohttp"]
-UPSTREAM_CLIENTS: tuple[UpstreamClientName, ...] = ("httpx", "aiohttp")
+UpstreamClientName = Literal["httptools", "httpx", "aiohttp"]
+UPSTREAM_CLIENTS: tuple[UpstreamClientName, ...] = ("httptools", "httpx", "aiohttp")
 
 # Keep idle connections a little shorter than common servers do (uvicorn closes them after 5 s),
 # so the pool rarely hands out a connection the upstream is closing at that moment.
@@ -202,6 +202,10 @@ class AiohttpUpstream:
 
 def open_upstream(client: UpstreamClientName, base_url: str, *, timeout: float) -> Upstream:
     """The pooled client named ``client`` for ``base_url``."""
+    if client == "httptools":
+        from relay_idem.upstream_pool import PooledUpstream
+
+        return PooledUpstream(base_url, timeout=timeout)
     if client == "aiohttp":
         return AiohttpUpstream(base_url, timeout=timeout)
     return HttpxUpstream(base_url, timeout=timeout)

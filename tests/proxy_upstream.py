@@ -114,3 +114,12 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         await respond(send, 200, b"cookies", headers)
     else:
         await respond(send, 404, b'{"error": "no such path"}', JSON)
+
+
+if __name__ == "__main__":  # python -m tests.proxy_upstream PORT KEEP_ALIVE: a keep-alive timeout under 1 s
+    import sys
+
+    import uvicorn
+
+    port, keep_alive = int(sys.argv[1]), float(sys.argv[2])
+    uvicorn.run(app, host="127.0.0.1", port=port, timeout_keep_alive=keep_alive, log_level="warning")

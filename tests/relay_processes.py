@@ -32,10 +32,13 @@ def keyed(key: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_upstream() -> Iterator[str]:
+def running_upstream(keep_alive: float | None = None) -> Iterator[str]:
+    """tests/proxy_upstream.py under uvicorn; ``keep_alive`` sets how long it keeps an idle connection (5 s)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["uvicorn", "tests.proxy_upstream:app", "--port", str(port), "--log-level", "warning"]
+    if keep_alive is not None:
+        args = ["tests.proxy_upstream", str(port), str(keep_alive)]
     with serve(args, ready_url=f"{url}/calls"):
         yield url
 
