@@ -5,7 +5,8 @@ the ``id`` query parameter, so a test reads how often the upstream really execut
 ``GET /calls?id=…`` (the count lives in the upstream process, outside the proxy).
 
     ANY  /echo                  200 JSON: method, path, query, headers (in order), body size and sha256
-    POST /work?id=&seconds=     sleeps, then 200 JSON with a fresh uuid (tells an execution from a replay)
+    POST /work?id=&seconds=     sleeps, then 200 JSON with a fresh uuid (tells an execution from a replay);
+                                also under /work/<anything>, for tests that route by path
     POST /stream?id=            200, streams "first;" and waits for GET /release?id= before the rest
     POST /big?id=&size=         200, ``size`` deterministic bytes in 64 KiB chunks with Content-Length
     POST /cookies?id=           200 with two Set-Cookie headers and hop-by-hop headers that must not pass
@@ -78,7 +79,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             "body_sha256": hashlib.sha256(body).hexdigest(),
         }
         await respond(send, 200, json.dumps(document).encode(), JSON)
-    elif path == "/work":
+    elif path == "/work" or path.startswith("/work/"):
         calls[f"started:{name}"] += 1
         await asyncio.sleep(float(query.get("seconds", "0")))
         calls[name] += 1
