@@ -215,8 +215,9 @@ def prefix_flag() -> Callable[[F], F]:
 @flag("upstream-timeout", default=60.0, type=float, metavar="SECONDS",
       help="Longest wait for the upstream's response headers (then 504, final); also bounds each idle "
            "gap while its body streams.")  # fmt: skip
-@flag("upstream-client", default="aiohttp", type=click.Choice(UPSTREAM_CLIENTS),
-      help="HTTP client for the upstream (chosen by benchmarks/proxy_client/RESULTS.md).")  # fmt: skip
+@flag("upstream-client", default="httptools", type=click.Choice(UPSTREAM_CLIENTS),
+      help="HTTP client for the upstream: httptools (pooled, llhttp; the default) or aiohttp (needs "
+           "relay-idem[aiohttp]). Chosen by measurement: benchmarks/README.md.")  # fmt: skip
 @flag("min-replicas", default=0, type=click.IntRange(min=0), metavar="N",
       help="Make claims and completions wait for N Redis replicas (WAIT); 0: don't wait.")  # fmt: skip
 @flag("min-replicas-timeout", default=DEFAULT_MIN_REPLICAS_TIMEOUT, type=float, metavar="SECONDS",

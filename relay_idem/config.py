@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -67,7 +68,7 @@ class Config:
     workers: int = 1
     prefix: str = DEFAULT_PREFIX
     upstream_timeout: float = 60.0
-    upstream_client: UpstreamClientName = "aiohttp"
+    upstream_client: UpstreamClientName = "httptools"
     min_replicas: int = 0
     min_replicas_timeout: float = DEFAULT_MIN_REPLICAS_TIMEOUT
     log_level: LogLevel = "info"
@@ -118,6 +119,8 @@ class Config:
             )
         if not self.upstream_timeout > 0:
             raise ConfigError(f"--upstream-timeout must be positive, not {self.upstream_timeout}")
+        if self.upstream_client == "aiohttp" and find_spec("aiohttp") is None:
+            raise ConfigError("--upstream-client aiohttp needs aiohttp: pip install 'relay-idem[aiohttp]'")
         try:
             self.idempotency()
         except ValueError as exc:

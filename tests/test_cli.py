@@ -45,7 +45,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
 def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None:
     result = invoke(
         "proxy", "--upstream", "http://app:8000", "--redis", "redis://r:6379/0", "--prefix", "p", "--host", "0.0.0.0",
-        "--port", "9000", "--workers", "3", "--upstream-timeout", "5", "--upstream-client", "httpx",
+        "--port", "9000", "--workers", "3", "--upstream-timeout", "5", "--upstream-client", "aiohttp",
         "--min-replicas", "1", "--min-replicas-timeout", "0.3", "--header-name", "X-Key", "--methods", "post,put",
         "--require-key", "/a*",
         "--require-key", "/b*,/c*", "--ttl", "60", "--lock-ttl", "3", "--on-conflict", "wait", "--wait-timeout", "2",
@@ -58,7 +58,7 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
     config = Config(**captured_run.call_args.kwargs)
     assert config == Config(
         upstream="http://app:8000", redis="redis://r:6379/0", prefix="p", host="0.0.0.0", port=9000, workers=3,
-        upstream_timeout=5.0, upstream_client="httpx", min_replicas=1,
+        upstream_timeout=5.0, upstream_client="aiohttp", min_replicas=1,
         min_replicas_timeout=0.3, header_name="X-Key", methods=("post", "put"),
         require_key=("/a*", "/b*", "/c*"), ttl=60.0, lock_ttl=3.0, on_conflict="wait", wait_timeout=2.0,
         on_mismatch="replay", fingerprint="json", fingerprint_header=("X-Tenant",), scope_header="X-Api-Key",

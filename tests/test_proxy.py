@@ -21,7 +21,6 @@ from relay_idem.metrics import OUTCOME
 from relay_idem.proxy import build_proxy_app, forwarded_headers, request_body, request_target
 from relay_idem.upstream import (
     UPSTREAM_CLIENTS,
-    HttpxUpstream,
     RawHeaders,
     RequestBody,
     Upstream,
@@ -390,25 +389,6 @@ async def test_an_upstream_url_with_a_path_prefixes_every_target(client: str) ->
         finally:
             await upstream.close()
     assert seen[0].startswith(b"DELETE /api/v1/messages/7 HTTP/1.1\r\n")
-
-
-async def test_the_httpx_client_takes_an_injected_transport() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url == "http://upstream.test/v1/messages?x=1"
-        assert request.headers["x-forwarded-proto"] == "http"
-        # stream=, not content=: httpx reads content= at once, and the proxy passes raw bytes on.
-        return httpx.Response(
-            201, headers=[("set-cookie", "a=1"), ("set-cookie", "b=2")], stream=httpx.ByteStream(b"made")
-        )
-
-    upstream = HttpxUpstream("http://upstream.test", timeout=1, transport=httpx.MockTransport(handler))
-    async with proxy_client(upstream) as client:
-        response = await client.post("/v1/messages?x=1", content=MESSAGE, headers=keyed("mock"))
-        repeat = await client.post("/v1/messages?x=1", content=MESSAGE, headers=keyed("mock"))
-    await upstream.close()
-    assert (response.status_code, response.content) == (201, b"made")
-    assert repeat.headers.get_list("set-cookie") == ["a=1", "b=2"]
-    assert repeat.headers["idempotent-replayed"] == "true"
 
 
 # --- the proxy's own endpoints -------------------------------------------------------------------
