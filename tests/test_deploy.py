@@ -97,7 +97,9 @@ def parse(command: str, env: Mapping[str, str], args: Sequence[str] = ()) -> dic
 
 def proxy_config(env: Mapping[str, str]) -> Config:
     """The Config ``relay-idem proxy`` builds from ``env``, validated as at start-up."""
-    return Config(**parse("proxy", env))
+    params = parse("proxy", env)
+    assert params.pop("config") is None  # --config FILE is read by the command, into the other flags
+    return Config(**params)
 
 
 def clean_environ(**extra: str) -> dict[str, str]:
