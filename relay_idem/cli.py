@@ -1,6 +1,7 @@
 """The ``relay-idem`` command: ``proxy``, ``demo``, ``inspect``, ``purge`` and ``--version`` (SPEC §2).
 
-uvicorn's chain: ``main()`` (click) -> ``run(**kwargs)`` -> ``Config(**kwargs)`` -> uvicorn. Every flag
+uvicorn's chain: ``main()`` (click) -> ``run(**kwargs)`` -> ``Config(**kwargs)`` -> the proxy's front
+(:mod:`relay_idem.server`; the demo stays on uvicorn). Every flag
 is also the environment variable ``RELAY_IDEM_<FLAG>``; repeatable flags take a comma-separated
 list there. Bad input ends in one ``Error: ...`` line on stderr and a non-zero exit, never a
 traceback.
@@ -24,7 +25,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from relay_idem import __version__
-from relay_idem.config import DEFAULT_PREFIX, WORKER_CONFIG_ENV, Config, ConfigError, check_redis_url, open_store
+from relay_idem.config import DEFAULT_PREFIX, Config, ConfigError, check_redis_url, open_store
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.keys import InvalidKey, parse_key
 from relay_idem.store.redis_store import DEFAULT_MIN_REPLICAS_TIMEOUT
@@ -120,8 +121,9 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
-def uvicorn_options(host: str, port: int, log_level: str, access_log: bool, *, proxy: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {
+def uvicorn_options(host: str, port: int, log_level: str, access_log: bool) -> dict[str, Any]:
+    """uvicorn's options for the demo (the proxy has its own front, relay_idem.server)."""
+    return {
         "host": host,
         "port": port,
         "log_level": log_level,
@@ -129,13 +131,6 @@ def uvicorn_options(host: str, port: int, log_level: str, access_log: bool, *, p
         "access_log": access_log,
         "lifespan": "on",
     }
-    if proxy:
-        # The proxy adds X-Forwarded-* itself: it must see the real peer, not one rewritten by uvicorn.
-        options["proxy_headers"] = False
-        # The upstream's Date and Server pass through; uvicorn's own would duplicate them.
-        options["server_header"] = False
-        options["date_header"] = False
-    return options
 
 
 @contextlib.contextmanager
@@ -157,21 +152,17 @@ def multiprocess_metrics() -> Iterator[None]:
 
 
 def run(**kwargs: Any) -> None:
-    """Serve the proxy: validate, check Redis, then hand over to uvicorn (which handles SIGTERM)."""
-    import uvicorn
+    """Serve the proxy: validate, check Redis, then hand over to the front (relay_idem.server)."""
+    from relay_idem import server
 
     config = Config(**kwargs)
     if config.redis is not None:
         check_redis(config.redis, config.prefix)
-    options = uvicorn_options(config.host, config.port, config.log_level, config.access_log, proxy=True)
     if config.workers == 1:
-        from relay_idem.proxy import build_proxy_app
-
-        uvicorn.run(build_proxy_app(config), **options)
+        server.run_worker(config)
         return
     with multiprocess_metrics():
-        os.environ[WORKER_CONFIG_ENV] = config.to_json()
-        uvicorn.run("relay_idem.proxy:app_from_environment", factory=True, workers=config.workers, **options)
+        server.run_workers(config)
 
 
 def run_demo(*, host: str, port: int, redis: str | None, prefix: str, bare: bool, log_level: str) -> None:
@@ -183,7 +174,7 @@ def run_demo(*, host: str, port: int, redis: str | None, prefix: str, bare: bool
         check_redis_url(redis)
         check_redis(redis, prefix)
     app = build_demo_app(redis=redis, prefix=prefix, bare=bare)
-    uvicorn.run(app, **uvicorn_options(host, port, log_level, access_log=True, proxy=False))
+    uvicorn.run(app, **uvicorn_options(host, port, log_level, access_log=True))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -218,6 +209,17 @@ def prefix_flag() -> Callable[[F], F]:
 @flag("upstream-client", default="httptools", type=click.Choice(UPSTREAM_CLIENTS),
       help="HTTP client for the upstream: httptools (pooled, llhttp; the default) or aiohttp (needs "
            "relay-idem[aiohttp]). Chosen by measurement: benchmarks/README.md.")  # fmt: skip
+@flag("max-header-bytes", default="64KiB", type=ByteSize(),
+      help="Largest request head (request line and headers); a larger one is answered 431.")  # fmt: skip
+@flag("header-timeout", default=30.0, type=float, metavar="SECONDS",
+      help="A client that has not sent its whole request head by then is disconnected.")  # fmt: skip
+@flag("body-timeout", default=60.0, type=float, metavar="SECONDS",
+      help="Longest stall between two reads of a request body (then 408, the key released).")  # fmt: skip
+@flag("send-timeout", default=60.0, type=float, metavar="SECONDS",
+      help="A client that reads none of its response for this long is disconnected (the record is "
+           "completed all the same).")  # fmt: skip
+@flag("max-connections", default=10_000, type=click.IntRange(min=1), metavar="N",
+      help="Open client connections per worker; past it a new one is answered 503 at once.")  # fmt: skip
 @flag("min-replicas", default=0, type=click.IntRange(min=0), metavar="N",
       help="Make claims and completions wait for N Redis replicas (WAIT); 0: don't wait.")  # fmt: skip
 @flag("min-replicas-timeout", default=DEFAULT_MIN_REPLICAS_TIMEOUT, type=float, metavar="SECONDS",

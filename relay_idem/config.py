@@ -73,6 +73,12 @@ class Config:
     min_replicas_timeout: float = DEFAULT_MIN_REPLICAS_TIMEOUT
     log_level: LogLevel = "info"
     access_log: bool = False
+    # What one client may cost a worker (SPEC §4, hostile clients); nginx's defaults are the model.
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_connections: int = 10_000
     # Middleware options (SPEC §1), with the middleware's own defaults.
     header_name: str = MIDDLEWARE_DEFAULTS.header_name
     methods: tuple[str, ...] = tuple(MIDDLEWARE_DEFAULTS.methods)
@@ -117,8 +123,13 @@ class Config:
                 f"--min-replicas-timeout must be more than 0 and less than the Redis socket timeout "
                 f"({DEFAULT_SOCKET_TIMEOUT:g} s), not {self.min_replicas_timeout:g}"
             )
-        if not self.upstream_timeout > 0:
-            raise ConfigError(f"--upstream-timeout must be positive, not {self.upstream_timeout}")
+        for name in ("upstream_timeout", "header_timeout", "body_timeout", "send_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.max_header_bytes < 1024:
+            raise ConfigError(f"--max-header-bytes must be at least 1024, not {self.max_header_bytes}")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, not {self.max_connections}")
         if self.upstream_client == "aiohttp" and find_spec("aiohttp") is None:
             raise ConfigError("--upstream-client aiohttp needs aiohttp: pip install 'relay-idem[aiohttp]'")
         try:

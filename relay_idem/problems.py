@@ -39,6 +39,11 @@ APP_ERROR = Problem("app-error", 500, "The application failed")
 UPSTREAM_UNREACHABLE = Problem("upstream-unreachable", 502, "Upstream could not be reached")
 UPSTREAM_FAILED = Problem("upstream-failed", 502, "Upstream failed after the request was sent")
 UPSTREAM_TIMEOUT = Problem("upstream-timeout", 504, "Upstream timed out")
+# The proxy's front refuses these before any request reaches the middleware (SPEC §4, hostile clients).
+MALFORMED_REQUEST = Problem("malformed-request", 400, "Malformed HTTP request")
+HEADER_TOO_LARGE = Problem("header-too-large", 431, "Request header too large")
+REQUEST_TIMEOUT = Problem("request-timeout", 408, "Request body timed out")
+TOO_MANY_CONNECTIONS = Problem("too-many-connections", 503, "Too many connections")
 
 CONTENT_TYPE = b"application/problem+json"
 

@@ -232,8 +232,3 @@ def build_proxy_app(config: Config, *, store: Store | None = None, upstream: Ups
         if upstream is not None
         else open_upstream(config.upstream_client, config.upstream, timeout=config.upstream_timeout),
     )
-
-
-def app_from_environment() -> ProxyApp:
-    """uvicorn's factory for ``--workers N``: each worker builds its app from the parent's config."""
-    return build_proxy_app(Config.from_environment())

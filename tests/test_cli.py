@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +22,6 @@ from relay_idem import cli as cli_module
 from relay_idem.cli import cli, main
 from relay_idem.config import WORKER_CONFIG_ENV, Config, ConfigError, open_store
 from relay_idem.keys import record_key
-from relay_idem.proxy import ProxyApp, app_from_environment
 from relay_idem.records import describe, tenant_scope
 from relay_idem.store import MemoryStore
 from relay_idem.store.base import Record, RecordInfo, StoredResponse
@@ -178,15 +179,11 @@ def test_open_store_passes_min_replicas_only_when_set() -> None:
 # --- run(): one process, or workers built from the environment -------------------------------------
 
 
-def test_run_hands_one_worker_the_app(redis_url: str) -> None:
-    with mock.patch("uvicorn.run") as uvicorn_run:
-        cli_module.run(upstream="http://app:8000", redis=redis_url, port=9999)
-    (app,), options = uvicorn_run.call_args
-    assert isinstance(app, ProxyApp)
-    assert options["port"] == 9999
-    assert options["proxy_headers"] is False
-    assert options["log_config"]["loggers"]["relay_idem"]["handlers"] == ["default"]
-    asyncio.run(app.store.close())
+def test_run_serves_one_worker_in_this_process(redis_url: str) -> None:
+    with mock.patch("relay_idem.server.run_worker") as run_worker:
+        cli_module.run(upstream="http://app:8000", redis=redis_url, port=9999, header_timeout=5.0)
+    (config,) = run_worker.call_args.args
+    assert config == Config(upstream="http://app:8000", redis=redis_url, port=9999, header_timeout=5.0)
 
 
 def test_run_hands_workers_the_config_and_a_metrics_directory(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,19 +191,36 @@ def test_run_hands_workers_the_config_and_a_metrics_directory(redis_url: str, mo
     monkeypatch.delenv(WORKER_CONFIG_ENV, raising=False)
     seen: dict[str, Any] = {}
 
-    def fake_run(target: str, **options: Any) -> None:
-        seen.update(options, target=target, metrics_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        seen["config"] = Config.from_environment()
-        seen["app"] = app_from_environment()
+    def fake_start_worker(sock: socket.socket) -> mock.Mock:
+        # What a worker process finds: the parent's config, a metrics directory, a listening socket.
+        seen.update(metrics_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"], config=Config.from_environment())
+        seen["listening"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        seen["inheritable"] = sock.get_inheritable()
         assert Path(seen["metrics_dir"]).is_dir()
+        worker = mock.Mock()
+        worker.poll.return_value = None
+        seen.setdefault("workers", []).append(worker)
+        if len(seen["workers"]) == 2:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # as if the parent got SIGTERM now
+        return worker
 
-    with mock.patch("uvicorn.run", fake_run):
-        cli_module.run(upstream="http://app:8000", redis=redis_url, workers=2, ttl=30.0)
-    assert seen["target"] == "relay_idem.proxy:app_from_environment"
-    assert (seen["factory"], seen["workers"]) == (True, 2)
-    assert seen["config"] == Config(upstream="http://app:8000", redis=redis_url, workers=2, ttl=30.0)
-    assert isinstance(seen["app"], ProxyApp)
-    asyncio.run(seen["app"].store.close())
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with (
+            mock.patch("relay_idem.server.start_worker", fake_start_worker),
+            mock.patch("relay_idem.server.configure_logging"),
+        ):
+            cli_module.run(upstream="http://app:8000", redis=redis_url, workers=2, ttl=30.0, port=free_port())
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    # Each worker was told to stop, and waited for.
+    for worker in seen["workers"]:
+        worker.send_signal.assert_called_once_with(signal.SIGTERM)
+        worker.wait.assert_called_once_with()
+    port = seen["config"].port
+    assert seen["config"] == Config(upstream="http://app:8000", redis=redis_url, workers=2, ttl=30.0, port=port)
+    assert (seen["listening"], seen["inheritable"]) == (1, True)
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     assert not Path(seen["metrics_dir"]).exists()
 
