@@ -167,7 +167,9 @@ class Execution:
             stored = await self.store.complete(self.request.store_key, self.token, record, self.config.ttl)
         except StoreUnavailable as exc:
             OUTCOME["not_stored"].inc()
-            logger.warning("relay-idem: could not store the outcome (%s); a retry will execute again", exc)
+            logger.warning(
+                "relay-idem: could not store the outcome (%s); a retry will execute again (key %s…)", exc, self.key_hint
+            )
             return
         STORE_TIME["complete"].observe(time.perf_counter() - started)
         if stored:
@@ -185,6 +187,10 @@ class Execution:
         try:
             await self.store.release(self.request.store_key, self.token)
         except StoreUnavailable as exc:
-            logger.warning("relay-idem: could not release the key (%s); it frees itself after lock_ttl", exc)
+            logger.warning(
+                "relay-idem: could not release the key (%s); it frees itself after lock_ttl (key %s…)",
+                exc,
+                self.key_hint,
+            )
             return
         STORE_TIME["release"].observe(time.perf_counter() - started)

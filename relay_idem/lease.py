@@ -56,7 +56,7 @@ class Lease:
             try:
                 renewed = await self.store.renew(self.key, self.token, self.lock_ttl)
             except StoreUnavailable as exc:
-                logger.warning("relay-idem: lease renewal failed (%s)", exc)
+                logger.warning("relay-idem: lease renewal failed (%s) (key %s…)", exc, self.key_hint)
             else:
                 STORE_TIME["renew"].observe(time.perf_counter() - started)
                 if not renewed:
