@@ -114,7 +114,7 @@ class IdempotencyMiddleware:
         # Routes, or a key in the body, take the general path; otherwise a request without a key
         # costs one set lookup and one scan of its headers.
         self.routed = bool(self.routes) or self.policy.source.header is None
-        self.methods = self.policy.methods.union(*(route.policy.methods for route in self.routes))
+        self.methods = self.policy.methods.union(*(route.methods for route in self.routes))
         self.header = self.policy.source.header
         self.required_paths = self.policy.required_paths
         self.waiting = 0  # repeats of this process waiting in on_conflict="wait" mode
@@ -151,15 +151,20 @@ class IdempotencyMiddleware:
         if policy.source.header is None:
             await self.call_json_keyed(policy, scope, receive, send)
             return
+        header = policy.source.header
         key_headers: list[bytes] = []
         content_length: bytes | None = None
         for name, value in scope["headers"]:
-            if name == policy.source.header:
+            if name == header:
                 key_headers.append(value)
             elif name == b"content-length":
                 content_length = value
         if not key_headers:
-            await self.call_keyless(policy, scope, receive, send)
+            if policy.required_paths is not None and policy.required_paths(scope["path"]):
+                await self.reject_keyless(policy, scope, send)
+                return
+            OUTCOME["bypass"].inc()
+            await self.app(scope, receive, send)
             return
         await self.call_keyed(policy, scope, receive, send, key_headers, content_length)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import operator
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -26,12 +27,24 @@ ROUTE_OPTIONS = OPTION_NAMES - {"scope", "header_name", "routes", *ROUTE_FIELDS}
 PathMatcher = Callable[[str], bool]
 
 
+WILDCARDS = frozenset("*?[")
+
+
 def path_matcher(patterns: Collection[str]) -> PathMatcher | None:
-    """One compiled matcher for fnmatch ``patterns`` (any of them matches), or None for no pattern."""
+    """One prepared matcher for fnmatch ``patterns`` (any of them matches), or None for no pattern.
+
+    The common shapes skip the regex engine: a plain path is compared, ``/prefix*`` is a
+    ``startswith``; anything else is one regex compiled here.
+    """
     if not patterns:
         return None
-    regex = re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns))
-    match = regex.match
+    if len(patterns) == 1:
+        [pattern] = patterns
+        if not WILDCARDS & set(pattern):
+            return pattern.__eq__
+        if pattern.endswith("*") and not WILDCARDS & set(pattern[:-1]):
+            return operator.methodcaller("startswith", pattern[:-1])
+    match = re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns)).match
     return lambda path: match(path) is not None
 
 
@@ -124,20 +137,17 @@ class Policy:
     required_paths: PathMatcher | None  # the require_key patterns; a route's True/False replaces them
     fingerprint_headers: tuple[bytes, ...]
     excluded: frozenset[bytes]  # response headers neither stored nor replayed
-    enabled: bool = True
 
     @classmethod
     def build(cls, config: IdempotencyConfig, route: RoutePolicy | None = None) -> Policy:
         required_paths = path_matcher(config.require_key)
         methods = config.methods
-        enabled = True
         if route is not None:
             config = dataclasses.replace(config, **route.options, key=route.key or config.key)
             if route.methods is not None:
                 methods = route.methods
             if route.require_key is not None:
                 required_paths = always if route.require_key else None
-            enabled = route.enabled
         return cls(
             config=config,
             methods=frozenset(method.upper() for method in methods),
@@ -145,7 +155,6 @@ class Policy:
             required_paths=required_paths,
             fingerprint_headers=tuple(name.lower().encode("latin-1") for name in config.fingerprint_headers),
             excluded=frozenset(name.lower().encode("latin-1") for name in config.replay_exclude_headers),
-            enabled=enabled,
         )
 
     def key_required(self, path: str) -> bool:
@@ -158,10 +167,11 @@ def always(path: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A route ready to match: its compiled pattern, the methods it covers, and its policy."""
+    """A route ready to match: the methods it covers, its prepared pattern, and its policy."""
 
+    methods: frozenset[str]
     matches: PathMatcher
-    policy: Policy
+    policy: Policy | None  # None: disabled, straight through
 
     @classmethod
     def build(cls, config: IdempotencyConfig, route: RoutePolicy) -> Route:
@@ -169,7 +179,8 @@ class Route:
             raise ValueError(f"routes takes RoutePolicy values, not {route!r}")
         matcher = path_matcher([route.path])
         assert matcher is not None
-        return cls(matcher, Policy.build(config, route))
+        policy = Policy.build(config, route)
+        return cls(policy.methods, matcher, policy if route.enabled else None)
 
 
 def route_policy(routes: tuple[Route, ...], default: Policy, method: str, path: str) -> Policy | None:
@@ -178,6 +189,6 @@ def route_policy(routes: tuple[Route, ...], default: Policy, method: str, path: 
     None: the request passes straight through (a disabled route, or a method nothing covers).
     """
     for route in routes:
-        if method in route.policy.methods and route.matches(path):
-            return route.policy if route.policy.enabled else None
+        if method in route.methods and route.matches(path):
+            return route.policy
     return default if method in default.methods else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from relay_idem import IdempotencyMiddleware, MemoryStore, RedisStore, RoutePolicy
 from relay_idem.keys import record_key
+from relay_idem.routes import path_matcher
 from relay_idem.scopes import ANONYMOUS_SCOPE
 from tests.apps import Counter, Echo, SetCookieTwice, call, idem
 from tests.store.test_redis_scripts import Monitor
@@ -272,3 +274,14 @@ async def test_a_route_excludes_its_own_headers() -> None:
         await call(middleware, path=path, headers=idem(path))
     assert (await call(middleware, path="/login", headers=idem("/login"))).header_list(b"set-cookie") == []
     assert len((await call(middleware, path="/other", headers=idem("/other"))).header_list(b"set-cookie")) == 2
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    pattern=st.text(alphabet="/ab*?[]!", min_size=1, max_size=8).map(lambda text: "/" + text),
+    path=st.text(alphabet="/ab*?[]!c", max_size=10),
+)
+def test_prepared_patterns_match_as_fnmatch_does(pattern: str, path: str) -> None:
+    matcher = path_matcher([pattern])
+    assert matcher is not None
+    assert matcher(path) == fnmatch.fnmatchcase(path, pattern)
