@@ -11,6 +11,7 @@ from starlette.types import Message
 
 from relay_idem.exceptions import StoreUnavailable
 from relay_idem.headers import end_to_end
+from relay_idem.keys import key_hint
 from relay_idem.lease import Lease
 from relay_idem.metrics import LEASE_LOST, OUTCOME, STORE_TIME
 from relay_idem.problems import APP_ERROR, problem_body, problem_headers
@@ -49,7 +50,7 @@ class Execution:
         self.size = 0
         self.oversized = False
         self.client_gone = False
-        self.lease = Lease(middleware.store, request.store_key, claim.token, self.config.lock_ttl, request.key[:4])
+        self.lease = Lease(middleware.store, request.store_key, claim.token, self.config.lock_ttl, self.key_hint)
         self.last_message: asyncio.Future[None] | None = None
         # What the app sees as scope["extensions"]["idempotency"]. An app that knows its response
         # means "not processed" (the proxy, when its upstream could not be connected to) sets
@@ -118,8 +119,7 @@ class Execution:
 
     @property
     def key_hint(self) -> str:
-        """Enough of the key to find it in logs, never the whole key of a tenant."""
-        return self.request.key[:4]
+        return key_hint(self.request.key)
 
     async def finish(self) -> None:
         assert self.start is not None

@@ -29,7 +29,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast
 import msgpack
 
 from relay_idem.exceptions import KeyInProgress, KeyReused, StoreUnavailable
-from relay_idem.keys import InvalidKey, check_key, record_key
+from relay_idem.keys import InvalidKey, check_key, key_hint, record_key
 from relay_idem.lease import Lease, wait_for_outcome
 from relay_idem.metrics import FUNCTION_OUTCOME, LEASE_LOST
 from relay_idem.store.base import Claim, Record, Store, StoredResponse
@@ -196,7 +196,7 @@ class IdempotentFunction:
     async def run(self, key: str, store_key: str, claim: Claim, args: Any, kwargs: Any) -> Any:
         """Run the function under our claim, then store its value (or release the key)."""
         assert claim.token is not None
-        lease = Lease(self.store, store_key, claim.token, self.lock_ttl, key[:4])
+        lease = Lease(self.store, store_key, claim.token, self.lock_ttl, key_hint(key))
         lease.start()
         try:
             value = await self.function(*args, **kwargs)
@@ -224,7 +224,9 @@ class IdempotentFunction:
         else:
             FUNCTION_OUTCOME["not_stored"].inc()
             LEASE_LOST.inc()
-            logger.warning("relay-idem: lease lost; a newer call holds the key, value not stored (key %s…)", key[:4])
+            logger.warning(
+                "relay-idem: lease lost; a newer call holds the key, value not stored (key %s…)", key_hint(key)
+            )
         return value
 
     async def release(self, store_key: str, token: str, key: str) -> None:

@@ -102,6 +102,11 @@ def json_key(body: bytes, path: tuple[str, ...]) -> str | None:
     raise InvalidKey(f"the key must be a string or an integer, not {JSON_TYPE_NAMES.get(type(value), 'a number')}")
 
 
+def key_hint(key: str) -> str:
+    """Enough of a key to find it in logs and traces, never the whole key of a tenant."""
+    return key[:4]
+
+
 def record_key(prefix: str, scope: str, key: str) -> str:
     """The store key of ``key`` under tenant ``scope``.
 

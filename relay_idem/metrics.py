@@ -6,6 +6,8 @@ Mount them with ``prometheus_client.make_asgi_app()`` beside your app. The proxy
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import REGISTRY, Counter, Histogram
 
 OUTCOMES = ("executed", "replayed", "conflict", "mismatch", "invalid", "bypass", "store_error", "not_stored")
@@ -37,7 +39,18 @@ LEASE_LOST = Counter(
     registry=REGISTRY,
 )
 
-# Bound label children: the hot path skips the label lookup.
-OUTCOME = {outcome: REQUESTS.labels(outcome) for outcome in OUTCOMES}
+
+class Count(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Timing(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+# Bound label children: the hot path skips the label lookup. Once the app sets an OpenTelemetry
+# tracer provider, relay_idem.tracing replaces OUTCOME's and STORE_TIME's values with wrappers that
+# also mark the request's span; until then they are prometheus-client's own objects.
+OUTCOME: dict[str, Count] = {outcome: REQUESTS.labels(outcome) for outcome in OUTCOMES}
 FUNCTION_OUTCOME = {outcome: FUNCTION_CALLS.labels(outcome) for outcome in FUNCTION_OUTCOMES}
-STORE_TIME = {op: STORE_SECONDS.labels(op) for op in STORE_OPERATIONS}
+STORE_TIME: dict[str, Timing] = {op: STORE_SECONDS.labels(op) for op in STORE_OPERATIONS}

@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from relay_idem import tracing
 from relay_idem.body import BodyTooLarge, declared_length, read_body
 from relay_idem.exceptions import ClientDisconnected, StoreUnavailable
 from relay_idem.execution import Execution
@@ -118,6 +119,7 @@ class IdempotencyMiddleware:
         self.header = self.policy.source.header
         self.required_paths = self.policy.required_paths
         self.waiting = 0  # repeats of this process waiting in on_conflict="wait" mode
+        tracing.refresh()  # an app that set its tracer provider before building the middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
@@ -263,6 +265,7 @@ class IdempotencyMiddleware:
         return claim
 
     async def handle(self, request: KeyedRequest) -> None:
+        tracing.keyed_request(request.key)
         looked_at = time.monotonic()
         try:
             claim = await self.begin(request)
