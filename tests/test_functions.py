@@ -249,3 +249,22 @@ async def test_the_lease_is_renewed_while_the_function_runs(store: Store) -> Non
         await asyncio.sleep(0.1)
     gate.set()
     assert await first == "done"
+
+
+async def run_once_under_a_storm(store: Store, key: str) -> None:
+    """50 concurrent calls, one key: one run, one value for all (used on Cluster and Sentinel too)."""
+    runs = 0
+
+    @idempotent(store, key=lambda: key, on_conflict="wait", wait_timeout=30)
+    async def work() -> dict[str, int]:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.2)
+        return {"run": runs}
+
+    assert await asyncio.gather(*(work() for _ in range(50))) == [{"run": 1}] * 50
+    assert runs == 1
+
+
+async def test_a_storm_of_calls_runs_once(store: Store) -> None:
+    await run_once_under_a_storm(store, "storm")

@@ -21,6 +21,7 @@ from relay_idem import RedisStore
 from relay_idem.exceptions import StoreUnavailable
 from tests.redis_servers import RedisSentinel, start_sentinel
 from tests.relay_processes import MESSAGE, PROBLEM, calls, keyed, new_id, running_proxy, wait_for
+from tests.test_functions import run_once_under_a_storm
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -39,6 +40,14 @@ def subscribers(topology: RedisSentinel, port: int, channel: str) -> int:
     server = next(server for server in topology.servers if server.port == port)
     count: int = server.execute("PUBSUB", "NUMSUB", channel)[1]
     return count
+
+
+async def test_an_idempotent_function_runs_once_on_sentinel(topology: RedisSentinel) -> None:
+    store = RedisStore.from_url(topology.url, prefix=f"functions-{new_id()}")
+    try:
+        await run_once_under_a_storm(store, "reminder-1")
+    finally:
+        await store.close()
 
 
 async def test_after_a_forced_failover_the_store_writes_to_the_new_primary_within_a_second(
