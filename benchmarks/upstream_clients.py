@@ -118,6 +118,8 @@ class TunedAiohttpUpstream:
 
 
 class _PyreqwestResponse:
+    complete = False  # its reader can't tell before the end: the Forwarder sends one empty message more
+
     def __init__(self, response: Any) -> None:
         self.response = response
         self.status: int = response.status

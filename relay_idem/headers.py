@@ -14,9 +14,15 @@ HOP_BY_HOP = frozenset(
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
     """``headers`` without hop-by-hop ones, including those the ``Connection`` header names."""
-    headers = list(headers)
-    named = {
-        token.strip().lower() for name, value in headers if name.lower() == b"connection" for token in value.split(b",")
-    }
-    dropped = HOP_BY_HOP | named if named else HOP_BY_HOP
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
+    kept: RawHeaders = []
+    named: set[bytes] | None = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered not in HOP_BY_HOP:
+            kept.append((name, value))
+        elif lowered == b"connection":
+            named = named or set()
+            named.update(token.strip().lower() for token in value.split(b","))
+    if named:  # rare: a Connection header naming more hop-by-hop headers, in either order
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept

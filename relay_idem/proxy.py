@@ -142,10 +142,14 @@ class Forwarder:
         try:
             headers = end_to_end(response.headers)
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            more_body = True
             async for chunk in response.body():
                 if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    # The last chunk carries the end of the body: one message less for every response.
+                    more_body = not response.complete
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more_body})
+            if more_body:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except UpstreamError as exc:
             # Too late for a problem response: leave it unfinished, so the server closes the
             # connection and the client sees a broken response, not a short one.

@@ -55,6 +55,10 @@ class UpstreamResponse(Protocol):
     status: int
     headers: RawHeaders
 
+    @property
+    def complete(self) -> bool:
+        """True once :meth:`body` has nothing more to give (so the chunk in hand is the last)."""
+
     def body(self) -> AsyncIterator[bytes]:
         """The body as it arrives, undecoded. Raises :class:`UpstreamError` if it breaks off."""
 

@@ -37,6 +37,10 @@ class _AiohttpResponse:
         self.status = response.status
         self.headers = _lowercase(list(response.raw_headers))
 
+    @property
+    def complete(self) -> bool:
+        return self.response.content.at_eof()
+
     async def body(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.response.content.iter_any():

@@ -95,6 +95,10 @@ class _Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    @property
+    def complete(self) -> bool:
+        return self.done and not self.chunks
+
     async def body(self) -> AsyncIterator[bytes]:
         chunks = self.chunks
         while True:
@@ -369,7 +373,10 @@ class PooledUpstream:
         method_is_head = method == "HEAD"
         fresh_attempts = 0
         while True:
-            connection, fresh = await self.acquire()
+            connection = self.reusable()
+            fresh = 0
+            if connection is None:
+                connection, fresh = await self.acquire()
             transport = connection.transport
             if connection.closed or transport is None:
                 # Found closed before any byte was written: the request provably never left.
@@ -503,6 +510,16 @@ class PooledUpstream:
         connection.watch()
 
     # --- the pool ------------------------------------------------------------------------------
+
+    def reusable(self) -> _Connection | None:
+        """The pooled connection used last, if it was idle only briefly: no await on the hot path."""
+        idle = self.idle
+        if idle:
+            connection = next(reversed(idle))
+            if self.loop.time() - connection.idle_since <= RECHECK_IDLE_AFTER:
+                del idle[connection]
+                return connection
+        return None
 
     async def acquire(self) -> tuple[_Connection, int]:
         """A connection to write to, and 1 if it is new (0 if it was pooled)."""

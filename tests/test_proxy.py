@@ -42,9 +42,11 @@ class Response:
         self.headers = headers
         self.chunks = chunks
         self.closed = False
+        self.complete = False
 
     async def body(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
+        for index, chunk in enumerate(self.chunks):
+            self.complete = index == len(self.chunks) - 1
             yield chunk
 
     async def close(self) -> None:
@@ -172,6 +174,21 @@ async def test_response_headers_lose_hop_by_hop_and_keep_duplicates() -> None:
         response = await client.get("/page")
     assert response.headers.multi_items() == [("set-cookie", "a=1"), ("set-cookie", "b=2")]
     assert response.content == b"xy"
+
+
+async def test_the_last_chunk_ends_the_response_without_an_empty_message() -> None:
+    app = build_proxy_app(Config(upstream="http://upstream.test"), store=MemoryStore(), upstream=FakeUpstream(ok()))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(http_scope([], method="GET", client=("127.0.0.1", 1), scheme="http"), receive, send)
+    bodies = [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+    assert bodies == [(b'{"id": "msg_1"}', False)]
 
 
 # --- upstream failures and the outcome policy (SPEC §3.6, §3.7) --------------------------------

@@ -19,7 +19,7 @@ import pytest
 
 from relay_idem.upstream import UpstreamBroken, UpstreamError, UpstreamTimeout
 from relay_idem.upstream_pool import HIGH_WATER, PooledUpstream
-from tests.relay_processes import running_upstream, wait_for
+from tests.relay_processes import keyed, running_proxy, running_upstream, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -126,6 +126,32 @@ async def test_requests_at_the_upstreams_keep_alive_boundary_are_neither_lost_no
     assert failures == []
     assert counts == [1] * (WORKERS * ROUNDS)
     assert all(KEEP_ALIVE / 2 < timeout < KEEP_ALIVE * 5 for timeout in learnt)
+
+
+@pytest.mark.slow
+async def test_through_the_proxy_keyed_requests_at_the_boundary_get_no_502(client: httpx.AsyncClient) -> None:
+    """The mission's case, end to end: bursts of keyed POSTs through ``relay-idem proxy``, each burst
+    0.2 s ± 12 ms after the last, so the proxy's pooled connections meet the upstream's keep-alive
+    close. Every request is 200 and executed exactly once (a 502 here would be final for its key)."""
+    bursts, per_burst = 12, 8
+    with running_upstream(keep_alive=KEEP_ALIVE) as upstream, running_proxy(upstream) as (proxy, _):
+        await client.post(f"{proxy}/echo", params={"id": "warm"})
+        await asyncio.sleep(KEEP_ALIVE * 2)  # one idle close seen: the pool knows the keep-alive now
+        statuses: list[int] = []
+        for burst in range(bursts):
+            names = [f"b{burst}-{n}" for n in range(per_burst)]
+            answers = await asyncio.gather(
+                *(client.post(f"{proxy}/echo", params={"id": name}, headers=keyed(name)) for name in names)
+            )
+            statuses += [answer.status_code for answer in answers]
+            await asyncio.sleep(KEEP_ALIVE + (burst * 5 % 25 - 12) / 1000)
+        counts = [
+            (await client.get(f"{upstream}/calls", params={"id": f"b{b}-{n}"})).json()["calls"]
+            for b in range(bursts)
+            for n in range(per_burst)
+        ]
+    assert statuses == [200] * (bursts * per_burst)
+    assert counts == [1] * (bursts * per_burst)
 
 
 async def test_a_request_sent_on_a_reused_connection_and_then_dropped_is_broken_not_retried() -> None:
