@@ -15,20 +15,22 @@ from types import FrameType
 from typing import Any
 
 from benchmarks import charts, envinfo, grid, load, procs, report
-from benchmarks.grid import Mode
-from benchmarks.runner import Settings, run_all
+from benchmarks.grid import Group, Mode, Server
+from benchmarks.runner import Settings, plan, rounds_of, run_all
+from benchmarks.verdicts import NOKEY_MIN_ROUNDS
 
 REPO = Path(__file__).resolve().parent.parent
 # RESULTS.md, results.json and the PNGs are committed artefacts next to the harness; logs/ is ignored.
 DEFAULT_OUT = REPO / "benchmarks"
 QUICK_OUT = DEFAULT_OUT / "logs" / "quick"  # a smoke run must not replace the committed artefacts
-DEFAULTS = {"rounds": 3, "duration": 8, "warmup": 1, "monitor_requests": 200, "soak_requests": 200_000,
-            "quiet_timeout": 10.0, "quiet_budget": 120.0}  # fmt: skip
-QUICK = {"rounds": 1, "duration": 1, "warmup": 0, "monitor_requests": 20, "soak_requests": 5_000,
-         "quiet_timeout": 0.0, "quiet_budget": 0.0}  # fmt: skip
+DEFAULTS = {"rounds": 3, "nokey_rounds": NOKEY_MIN_ROUNDS, "duration": 6, "proxy_duration": 5, "warmup": 1,
+            "monitor_requests": 200, "soak_requests": 200_000, "quiet_timeout": 10.0,
+            "quiet_budget": 120.0}  # fmt: skip
+QUICK = {"rounds": 1, "nokey_rounds": 1, "duration": 1, "proxy_duration": 1, "warmup": 0, "monitor_requests": 20,
+         "soak_requests": 5_000, "quiet_timeout": 0.0, "quiet_budget": 0.0}  # fmt: skip
 # For the duration estimate (seconds, measured on a 2-core VM): starting and stopping the processes and
 # the MONITOR phase of one scenario, and the slowest rate the soak is expected to run at.
-START_STOP_S = {"app": 1.5, "proxy": 2.0, "per_extra_worker": 1.0}
+START_STOP_S = {"app": 1.5, "proxy": 2.0, "nginx": 0.3, "per_extra_worker": 1.0}
 MONITOR_S_PER_REQUEST = 0.004
 SOAK_EXPECTED_RPS = 3_000
 SOAK_SLOWEST_RPS = 500  # bounds the soak: it stops after soak_requests / this many seconds at the latest
@@ -41,16 +43,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke mode: 1 round, 1 s per scenario, no warm-up")
     parser.add_argument("--rounds", type=int, help="rounds, alternating A B A B (default 3; quick 1)")
-    parser.add_argument("--duration", type=int, help="seconds of measured load per scenario (default 8; quick 1)")
+    parser.add_argument("--nokey-rounds", type=int, help="rounds of the middleware's no-key scenarios and bare, "
+                        f"at least --rounds (default {NOKEY_MIN_ROUNDS}, SPEC §7; quick 1)")  # fmt: skip
+    parser.add_argument("--duration", type=int, help="seconds of measured load per scenario (default 6; quick 1)")
+    parser.add_argument("--proxy-duration", type=int, help="... in the proxy group (default 5; quick 1)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up load before each (default 1; quick 0)")
     parser.add_argument("--connections", "-c", type=int, default=32, help="concurrent connections (default 32)")
     parser.add_argument("--threads", "-t", type=int, default=1, help="load generator threads (default 1)")
     parser.add_argument("--scenarios", help="comma-separated names, target names or fnmatch patterns "
                         "(default: every enabled target); see --list")  # fmt: skip
+    parser.add_argument("--only", metavar="GROUPS", help="comma-separated groups: " + ", ".join(Group) + "; "
+                        "their records replace those groups' in an existing OUT/results.json")  # fmt: skip
+    parser.add_argument("--proxy-args", default="", metavar="ARGS", help="more arguments for every relay-idem "
+                        "proxy started, e.g. '--upstream-client aiohttp' to compare upstream clients")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--render", type=Path, metavar="DIR", nargs="?", const=DEFAULT_OUT,
-                        help="only rewrite DIR/RESULTS.md and the charts from DIR/results.json "
-                        "(DIR: benchmarks/)")  # fmt: skip
+                        help="only rewrite DIR/RESULTS.md and the charts from DIR/results.json, and README.md's "
+                        "benchmark table when DIR is benchmarks/ (the default)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="output directory (default benchmarks/; quick benchmarks/logs/quick/)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                         help="wrk, the built-in asyncio generator, or wrk when installed (default)")  # fmt: skip
@@ -66,32 +75,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quiet-pct", type=float, default=25.0,
                         help="'quiet' = other processes use less than this %% of one CPU (default 25)")  # fmt: skip
     args = parser.parse_args(argv)
-    for name in ("rounds", "duration", "connections", "threads", "soak_requests"):
+    for name in ("rounds", "nokey_rounds", "duration", "proxy_duration", "connections", "threads", "soak_requests"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
-        args.selected = grid.select(args.scenarios)
+        args.selected = grid.select(args.scenarios, args.only)
     except ValueError as exc:
         parser.error(str(exc))
     return args
 
 
-def write_reports(out: Path, environment: dict[str, Any], settings: dict[str, Any], records: list[dict[str, Any]],
-                  summaries: list[dict[str, Any]]) -> list[Path]:  # fmt: skip
+def write_reports(out: Path, document: dict[str, Any], summaries: list[dict[str, Any]]) -> list[Path]:
+    """RESULTS.md and the charts in ``out``; README.md's benchmark table too when ``out`` is benchmarks/."""
     pictures = charts.write_charts(summaries, out)
-    text = report.markdown(environment, settings, summaries, records, [p.name for p in pictures], out)
+    text = report.markdown(document, summaries, charts.chart_names(summaries), out)
     (out / "RESULTS.md").write_text(text)
-    return [out / "RESULTS.md", *pictures]
+    written = [out / "RESULTS.md", *pictures]
+    if out.resolve() == DEFAULT_OUT.resolve():
+        readme = REPO / "README.md"
+        readme.write_text(report.replace_block(readme.read_text(), report.readme_block(document, summaries)))
+        written.append(readme)
+    return written
+
+
+def _start_stop(scenario: grid.Scenario) -> float:
+    target, extra = scenario.target, scenario.workers - 1
+    if target.fast_upstream:
+        front = {Server.NGINX: "nginx", Server.RELAY_IDEM: "proxy", Server.UVICORN: "app"}[target.server]
+        return START_STOP_S["nginx"] + START_STOP_S[front] + START_STOP_S["per_extra_worker"] * extra
+    start_stop = START_STOP_S["app"] + (START_STOP_S["proxy"] if target.proxy else 0)
+    return start_stop + START_STOP_S["per_extra_worker"] * extra * (2 if target.proxy else 1)
 
 
 def estimate(settings: Settings) -> tuple[float, float]:
     """(expected, longest) seconds the run takes; the longest counts every quiet wait and a slow soak."""
     expected = longest = 0.0
     for scenario in settings.scenarios:
-        start_stop = START_STOP_S["app"] + (START_STOP_S["proxy"] if scenario.target.proxy else 0)
-        start_stop += START_STOP_S["per_extra_worker"] * (scenario.workers - 1) * (2 if scenario.target.proxy else 1)
-        fixed = start_stop + settings.warmup + 1.0  # priming, settling, a first quiet-check sample
+        fixed = _start_stop(scenario) + settings.warmup + 1.0  # priming, settling, a first quiet-check sample
         if scenario.mode is Mode.SOAK:
             expected += fixed + settings.soak_requests / SOAK_EXPECTED_RPS
             longest += fixed + settings.soak_limit
@@ -99,9 +120,12 @@ def estimate(settings: Settings) -> tuple[float, float]:
         monitor = 0.0
         if scenario.target.redis_commands and scenario.mode is not Mode.STORM:
             monitor = settings.monitor_requests * MONITOR_S_PER_REQUEST * (2 if scenario.target.proxy else 1)
-        expected += settings.rounds * (fixed + settings.duration + monitor)
-        longest += settings.rounds * (fixed + settings.duration + monitor)
-    longest += min(settings.quiet_budget, settings.quiet_timeout * settings.rounds * len(settings.scenarios))
+        duration = settings.proxy_duration if scenario.group is Group.PROXY else settings.duration
+        expected += rounds_of(scenario, settings) * (fixed + duration + monitor)
+    longest += expected - sum(  # the soaks at their expected rate are replaced by their limit above
+        settings.soak_requests / SOAK_EXPECTED_RPS for s in settings.scenarios if s.mode is Mode.SOAK
+    )
+    longest += min(settings.quiet_budget, settings.quiet_timeout * len(plan(settings)))
     return expected, longest
 
 
@@ -111,13 +135,26 @@ def _minutes(seconds: float) -> str:
 
 def render(out: Path) -> int:
     """Re-render the reports of an earlier run (e.g. after changing the writer)."""
-    document = json.loads((out / "results.json").read_text())
-    ran = {record["scenario"] for record in document["runs"]}  # an older run's grid may have been smaller
-    scenarios = [s for s in grid.select(",".join(document["settings"]["scenarios"])) if s.name in ran]
-    summaries = report.summarise(scenarios, document["runs"])
-    written = write_reports(out, document["environment"], document["settings"], document["runs"], summaries)
+    document, summaries = report.load(out)
+    document["summary"] = summaries
+    report.write_json(out / "results.json", document)
+    written = write_reports(out, document, summaries)
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def merge(path: Path, groups: list[str], part: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results.json at ``path`` with ``groups``' records replaced by ``records`` (``--only``)."""
+    document: dict[str, Any] = {"runs": [], "parts": []}
+    if path.is_file():
+        document = json.loads(path.read_text())
+    group_of = {s.name: str(s.group) for s in grid.all_scenarios()}
+    kept = [r for r in document["runs"] if group_of.get(r["scenario"]) not in groups and r["scenario"] in group_of]
+    parts = [] if not document["runs"] else report.parts_of(document)
+    parts = [{**p, "groups": [g for g in p["groups"] if g not in groups]} for p in parts]
+    parts = [p for p in parts if p["groups"]] + [part]
+    return {"environment": part["environment"], "settings": part["settings"], "parts": parts,
+            "runs": kept + records}  # fmt: skip
 
 
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -150,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         scenarios=tuple(args.selected),
         rounds=option("rounds"),
+        nokey_rounds=option("nokey_rounds"),
         duration=option("duration"),
+        proxy_duration=option("proxy_duration"),
         warmup=option("warmup"),
         connections=args.connections,
         threads=args.threads,
@@ -165,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_budget=option("quiet_budget"),
         out=out,
         repo=REPO,
+        proxy_args=tuple(shlex.split(args.proxy_args)),
     )
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -179,14 +219,20 @@ def main(argv: list[str] | None = None) -> int:
 
     soaks = sum(1 for scenario in settings.scenarios if scenario.mode is Mode.SOAK)
     expected, longest = estimate(settings)
-    progress(f"{len(settings.scenarios) - soaks} scenario(s) x {settings.rounds} round(s)"
+    steps = len(plan(settings)) - soaks
+    progress(f"{len(settings.scenarios) - soaks} scenario(s), {steps} runs in {settings.rounds} round(s)"
+             + (f" ({max(settings.rounds, settings.nokey_rounds)} for the no-key scenarios)"
+                if settings.nokey_rounds > settings.rounds else "")
              + (f" + {soaks} soak(s) of {settings.soak_requests:,} requests" if soaks else "")
-             + f", {settings.generator}, -c{settings.connections} -d{settings.duration}s, output in {out}")  # fmt: skip
+             + f", {settings.generator}, -c{settings.connections} -d{settings.duration}s "
+             f"(proxy group {settings.proxy_duration}s), output in {out}")  # fmt: skip
     progress(f"expected duration: about {_minutes(expected)} (at most {_minutes(longest)}: waiting for a quiet "
              f"machine, a slow soak)")  # fmt: skip
     records: list[dict[str, Any]] = []
     interrupted = False
     try:
+        if any(s.target.fast_upstream for s in settings.scenarios):
+            procs.ensure_nginx(progress)
         with procs.redis_server(out / "logs") as (redis_url, _):
             progress(f"redis-server {environment['versions']['redis-server']} on {redis_url}")  # type: ignore[index]
             run_all(settings, redis_url, progress, records)
@@ -197,9 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"error: {exc}")
         return 1
 
-    summaries = report.summarise(list(settings.scenarios), records)
-    report.write_json(out / "results.json", environment, settings_json, records, summaries)
-    written = [out / "results.json", *write_reports(out, environment, settings_json, records, summaries)]
+    groups = sorted({str(s.group) for s in settings.scenarios})
+    part = {"groups": groups, "environment": environment, "settings": settings_json}
+    if args.only:
+        document = merge(out / "results.json", groups, part, records)
+    else:
+        document = {"environment": environment, "settings": settings_json, "parts": [part], "runs": records}
+    summaries = report.summarise_document(document["runs"])
+    document = {**document, "summary": summaries}
+    report.write_json(out / "results.json", document)
+    written = [out / "results.json", *write_reports(out, document, summaries)]
     progress("wrote " + ", ".join(str(path) for path in written))
     if interrupted:
         return 130

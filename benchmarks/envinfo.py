@@ -14,7 +14,7 @@ from benchmarks.load import wrk_version
 
 PACKAGES = (
     "relay-idem", "uvicorn", "starlette", "uvloop", "httptools", "redis", "hiredis", "httpx", "aiohttp",
-    "asgi-idempotency-header", "fastapi-idempotency", "fastapi",
+    "asgi-idempotency-header", "fastapi-idempotency", "fastapi", "idemkit", "asgiproxy",
 )  # fmt: skip
 
 
@@ -77,6 +77,7 @@ def collect(repo: Path, command: str) -> dict[str, object]:
             "python": platform.python_version(),
             "redis-server": procs.redis_version(),
             "wrk": wrk_version(),
+            "nginx": procs.nginx_version(),
             **{name: package_version(name) for name in PACKAGES},
         },
     }

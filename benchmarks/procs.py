@@ -1,4 +1,5 @@
-"""Child processes: a private redis-server and the app (optionally behind the proxy) under test.
+"""Child processes: a private redis-server, the app (optionally behind the proxy) under test, and
+for the proxy group an nginx fast upstream with the proxy under test in front of it.
 
 Every child runs in its own session, so a Ctrl-C in the terminal reaches only the
 harness, which then stops the children itself (SIGTERM, then SIGKILL after a grace period).
@@ -16,16 +17,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
 import redis
 
-from benchmarks.grid import Target
+from benchmarks.apps.common import UPSTREAM_URL_ENV
+from benchmarks.grid import Server, Target
 
 HOST = "127.0.0.1"
 REDIS_SERVER = "redis-server"
+NGINX = "nginx"
+# Where nginx lives when it is not on PATH (Debian puts it in /usr/sbin, outside a user's PATH).
+SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 UVICORN_ARGS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning")
 # How the relay-idem proxy target is started; {upstream}, {redis}, {host}, {port} are filled in.
 PROXY_COMMAND = (
@@ -33,6 +38,46 @@ PROXY_COMMAND = (
     "--host", "{host}", "--port", "{port}", "--log-level", "warning",
 )  # fmt: skip
 READY_PATH = "/v1/stats"
+# The fast upstream's answer to every request: the shape of the message API's 202 (benchmarks.apps.common).
+FAST_UPSTREAM_BODY = '{"id": "msg_5f1c0a9e2b7d4c38", "status": "queued", "queuedAt": "2026-11-30T12:00:00.000+00:00"}'
+# One worker process each; keep-alive connections are never closed after N requests (nginx's default
+# closes them after 1,000), so what is measured is the steady state, not reconnecting.
+NGINX_MAIN = """daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{body}
+}}
+"""
+NGINX_FAST_UPSTREAM = """    server {{
+        listen {host}:{port};
+        default_type application/json;
+        location / {{ return 202 '{answer}'; }}
+    }}"""
+# SPEC §7's reference proxy: proxy_pass with a keep-alive upstream pool.
+NGINX_PROXY = """    upstream fast {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            proxy_pass http://fast;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
 STOP_GRACE = 5.0
 WORKER_SETTLE = 0.5  # after every worker process exists: time for the last one to start serving
 _CLOCK_TICK = os.sysconf("SC_CLK_TCK")
@@ -214,14 +259,61 @@ def redis_server(log_dir: Path, timeout: float = 10.0) -> Iterator[tuple[str, Ch
             child.stop()
 
 
+def nginx_path() -> str | None:
+    """The nginx executable: on PATH, or in an sbin directory."""
+    return shutil.which(NGINX) or shutil.which(NGINX, path=os.pathsep.join(SBIN))
+
+
+def nginx_version() -> str:
+    exe = nginx_path()
+    if exe is None:
+        return "not installed"
+    out = subprocess.run([exe, "-v"], capture_output=True, text=True, timeout=10)
+    return (out.stderr or out.stdout).strip().rpartition("/")[2] or "unknown"
+
+
+def ensure_nginx(progress: Callable[[str], None]) -> str:
+    """nginx's path; installs it with apt-get (as root, or with password-less sudo) when it is missing."""
+    exe = nginx_path()
+    if exe is not None:
+        return exe
+    apt = shutil.which("apt-get")
+    sudo: list[str] = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if apt is None or (sudo and shutil.which("sudo") is None):
+        raise ProcessError("nginx is not installed and cannot be installed here (apt-get install nginx-light)")
+    progress("nginx not found: apt-get install -y nginx-light")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in ([*sudo, apt, "update", "-qq"], [*sudo, apt, "install", "-y", "-qq", "nginx-light"]):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            raise ProcessError(f"{' '.join(argv)} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    exe = nginx_path()
+    if exe is None:
+        raise ProcessError("apt-get installed nginx-light, but no nginx executable was found")
+    return exe
+
+
+def nginx_child(name: str, body: str, log_dir: Path) -> Child:
+    """nginx in the foreground, one worker process, with ``body`` as its ``http`` block's servers."""
+    exe = nginx_path()
+    if exe is None:
+        raise ProcessError("nginx is not installed (apt-get install nginx-light)")
+    prefix = log_dir / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_MAIN.format(prefix=prefix, body=body))
+    return Child(name, [exe, "-p", str(prefix), "-c", str(conf), "-e", "stderr"], log_dir / f"{name}.log")
+
+
 def wait_ready(url: str, children: Sequence[Child], timeout: float = 30.0) -> None:
+    """Until ``url`` answers a GET with 2xx (every child still alive meanwhile)."""
     deadline = time.monotonic() + timeout
     with httpx.Client(trust_env=False, timeout=2.0) as client:
         while True:
             for child in children:
                 child.check_alive()
             try:
-                if client.get(url).status_code == 200:
+                if 200 <= client.get(url).status_code < 300:
                     return
             except httpx.TransportError:
                 pass
@@ -250,15 +342,22 @@ def wait_workers(children: Sequence[Child], workers: int, timeout: float = 30.0)
 
 @contextlib.contextmanager
 def serve(
-    target: Target, env: Mapping[str, str], log_dir: Path, cwd: Path, workers: int = 1
+    target: Target, env: Mapping[str, str], log_dir: Path, cwd: Path, workers: int = 1, proxy_args: Sequence[str] = ()
 ) -> Iterator[tuple[str, list[Child]]]:
     """Start ``target`` (and the proxy in front of it), each with ``workers`` worker processes.
 
-    Yields its base URL and the processes, app first; each child's ``url`` is its own base URL.
+    ``proxy_args`` are added to every ``relay-idem proxy`` command line (``--proxy-args``).
+
+    Yields its base URL and the processes, app (or fast upstream) first; each child's ``url`` is its
+    own base URL. The proxy under test is the child named ``proxy``.
     """
     children: list[Child] = []
     pythonpath = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, **env, "PYTHONPATH": pythonpath}
+    if target.fast_upstream:
+        with _serve_fast_upstream(target, full_env, log_dir, cwd, workers, proxy_args, children) as base:
+            yield base, children
+        return
     try:
         app_port = free_port()
         argv = uvicorn_argv(target.app, app_port, workers)
@@ -266,16 +365,61 @@ def serve(
         base = children[-1].url = f"http://{HOST}:{app_port}"
         if target.proxy:
             wait_ready(base + READY_PATH, children)
-            proxy_port = free_port()
-            fields = {"upstream": base, "redis": env.get("BENCH_REDIS_URL", ""), "host": HOST, "port": str(proxy_port)}
-            argv = [sys.executable, *(part.format(**fields) for part in PROXY_COMMAND)]
-            argv += ["--workers", str(workers)] if workers > 1 else []
-            children.append(Child("proxy", argv, log_dir / "proxy.log", full_env, cwd))
-            base = children[-1].url = f"http://{HOST}:{proxy_port}"
+            children.append(_relay_idem_proxy(base, full_env, log_dir, cwd, workers, proxy_args))
+            base = children[-1].url
         wait_ready(base + READY_PATH, children)
         if workers > 1:
             wait_workers(children, workers)
         yield base, children
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _relay_idem_proxy(
+    upstream: str, env: Mapping[str, str], log_dir: Path, cwd: Path, workers: int, extra: Sequence[str]
+) -> Child:
+    port = free_port()
+    fields = {"upstream": upstream, "redis": env.get("BENCH_REDIS_URL", ""), "host": HOST, "port": str(port)}
+    argv = [sys.executable, *(part.format(**fields) for part in PROXY_COMMAND), *extra]
+    argv += ["--workers", str(workers)] if workers > 1 else []
+    child = Child("proxy", argv, log_dir / "proxy.log", env, cwd)
+    child.url = f"http://{HOST}:{port}"
+    return child
+
+
+@contextlib.contextmanager
+def _serve_fast_upstream(
+    target: Target,
+    env: Mapping[str, str],
+    log_dir: Path,
+    cwd: Path,
+    workers: int,
+    proxy_args: Sequence[str],
+    children: list[Child],
+) -> Iterator[str]:
+    """nginx answering a fixed 202 (``upstream``), and ``target``'s proxy in front of it (``proxy``)."""
+    try:
+        port = free_port()
+        body = NGINX_FAST_UPSTREAM.format(host=HOST, port=port, answer=FAST_UPSTREAM_BODY)
+        children.append(nginx_child("upstream", body, log_dir))
+        upstream = children[-1].url = f"http://{HOST}:{port}"
+        wait_ready(upstream + "/", children)
+        port = free_port()
+        if target.server is Server.NGINX:
+            body = NGINX_PROXY.format(upstream=f"{HOST}:{int(upstream.rsplit(':', 1)[1])}", host=HOST, port=port)
+            children.append(nginx_child("proxy", body, log_dir))
+            children[-1].url = f"http://{HOST}:{port}"
+        elif target.server is Server.RELAY_IDEM:
+            children.append(_relay_idem_proxy(upstream, env, log_dir, cwd, workers, proxy_args))
+        else:
+            argv = uvicorn_argv(target.app, port, workers)
+            children.append(Child("proxy", argv, log_dir / "proxy.log", {**env, UPSTREAM_URL_ENV: upstream}, cwd))
+            children[-1].url = f"http://{HOST}:{port}"
+        wait_ready(children[-1].url + "/", children)
+        if workers > 1:
+            wait_workers(children[-1:], workers)
+        yield children[-1].url
     finally:
         for child in reversed(children):
             child.stop()

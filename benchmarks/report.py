@@ -1,29 +1,34 @@
-"""Summaries of the raw records (medians over rounds, min-max, ratios against bare in the same round),
-the SPEC §7 targets judged from them, and RESULTS.md."""
+"""Summaries of the raw records (medians over rounds, min-max, ratios against the baseline in the same
+round), RESULTS.md, and the README's benchmark table.
+
+``python -m benchmarks.report --readme`` rewrites the marked block of README.md from
+``benchmarks/results.json``; ``--check`` only says whether RESULTS.md and that block are current.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.grid import TARGETS, Mode, Scenario, all_scenarios, describe_kind, kind_order
+from benchmarks import verdicts
+from benchmarks.grid import TARGETS, Group, Mode, Scenario, all_scenarios, describe_kind, kind_order
+from benchmarks.verdicts import fmt_spread
 
 Record = dict[str, Any]
 Summary = dict[str, Any]
-PEERS = ("asgi-idempotency-header", "fastapi-idempotency")
-OURS = "relay-idem"
-PROXY = "relay-idem-proxy"
-SOAK_TARGET_REQUESTS = 200_000  # SPEC §7: the proxy's RSS stays within 20 MB over this many unique keys
-SOAK_TARGET_MB = 20.0
-SEE_ALSO = (
-    ("clients/RESULTS.md", "which Redis client the store's hot path uses (measured side by side)"),
-    ("proxy_client/RESULTS.md", "which HTTP client the proxy uses for its upstream (httpx vs aiohttp)"),
-)
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+README = REPO / "README.md"
+README_BEGIN = "<!-- benchmark-table:begin (python -m benchmarks.report --readme) -->"
+README_END = "<!-- benchmark-table:end -->"
+SEE_ALSO = (("clients/RESULTS.md", "which Redis client the store's hot path uses (measured side by side)"),)
 
 
 def _spread(values: list[float]) -> dict[str, float] | None:
@@ -32,13 +37,47 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarise(scenarios: list[Scenario], records: list[Record]) -> list[dict[str, Any]]:
+def ok_rps(record: Record) -> float:
+    """2xx answers per second of a run (computed, so records written before ``ok_rps`` existed work too)."""
+    run = record["load"]
+    return float(run["status"].get("2xx", 0) / run["duration_s"]) if run["duration_s"] else 0.0
+
+
+def _proxy_cpu(record: Record) -> float | None:
+    value = record["cpu_us_per_request"].get("proxy")
+    return None if value is None else float(value)
+
+
+def _server_cpu(record: Record) -> float | None:
+    """CPU µs per request of what serves HTTP under test: the app and the proxy in front of it (not Redis);
+    in the proxy group only the proxy (not the fast upstream)."""
+    cpu = record["cpu_us_per_request"]
+    if None in cpu.values():
+        return None
+    if "upstream" in cpu:
+        return _proxy_cpu(record)
+    return float(sum(v for k, v in cpu.items() if k != "redis"))
+
+
+def _per_round(runs: list[Record], other: dict[int, Record], value: Any) -> list[float]:
+    """``value(run) / value(other run of the same round)`` for every round both have a value in."""
+    ratios = []
+    for run in runs:
+        base = other.get(run["round"])
+        mine, theirs = value(run), value(base) if base is not None else None
+        if mine is not None and theirs:
+            ratios.append(mine / theirs)
+    return ratios
+
+
+def summarise(scenarios: list[Scenario], records: list[Record]) -> list[Summary]:
     """One summary per scenario, in grid order."""
     ok = [r for r in records if "error" not in r]
-    rps: dict[tuple[str, int], float] = {(r["scenario"], r["round"]): r["load"]["rps"] for r in ok}
+    by_round: dict[str, dict[int, Record]] = defaultdict(dict)
     by_scenario: dict[str, list[Record]] = defaultdict(list)
     for record in ok:
         by_scenario[record["scenario"]].append(record)
+        by_round[record["scenario"]][record["round"]] = record
     errors = defaultdict(list)
     for record in records:
         if "error" in record:
@@ -47,13 +86,12 @@ def summarise(scenarios: list[Scenario], records: list[Record]) -> list[dict[str
     summaries = []
     for scenario in scenarios:
         runs = by_scenario.get(scenario.name, [])
-        ratios = [
-            r["load"]["rps"] / rps[(scenario.baseline, r["round"])]
-            for r in runs
-            if scenario.baseline and rps.get((scenario.baseline, r["round"]))
-        ]
+        baseline = by_round.get(scenario.baseline or "", {})
+        ours = scenario.target.name == verdicts.PROXY_FAST
+        peer = by_round.get(f"{verdicts.ASGIPROXY}-{scenario.mode}", {}) if ours else {}
         commands = [r["redis_commands"]["per_request"] for r in runs if "redis_commands" in r]
         storms = [r["storm"] for r in runs if "storm" in r]
+        proxy = scenario.target.fast_upstream
         summaries.append(
             {
                 "scenario": scenario.name,
@@ -61,12 +99,14 @@ def summarise(scenarios: list[Scenario], records: list[Record]) -> list[dict[str
                 "mode": str(scenario.mode),
                 "workers": scenario.workers,
                 "kind": scenario.kind,
+                "group": str(scenario.group),
                 "store": scenario.target.store,
                 "baseline": scenario.baseline,
                 "redis_commands_counted": scenario.target.redis_commands,
                 "rounds": len(runs),
-                "rps": _spread([r["load"]["rps"] for r in runs]),
-                "ratio": _spread(ratios),
+                "rps": _spread([ok_rps(r) for r in runs]),  # 2xx answers per second
+                "ratio": _spread(_per_round(runs, baseline, ok_rps)),
+                "peer_ratio": _spread(_per_round(runs, peer, ok_rps)) if peer else None,
                 "p50_ms": _spread([r["load"]["p50_ms"] for r in runs]),
                 "p99_ms": _spread([r["load"]["p99_ms"] for r in runs]),
                 "requests": sum(r["load"]["requests"] for r in runs),
@@ -80,20 +120,23 @@ def summarise(scenarios: list[Scenario], records: list[Record]) -> list[dict[str
                 "redis_commands_by_name": runs[-1]["redis_commands"]["by_command_per_request"]
                 if runs and "redis_commands" in runs[-1]
                 else None,
-                # Everything that serves HTTP (the app, and the proxy in front of it), without Redis.
-                "server_cpu_us_per_request": _spread(
-                    [
-                        sum(v for k, v in r["cpu_us_per_request"].items() if k != "redis")
-                        for r in runs
-                        if None not in r["cpu_us_per_request"].values()
-                    ]
-                ),
+                "server_cpu_us_per_request": _spread([v for r in runs if (v := _server_cpu(r)) is not None]),
+                "proxy_cpu_us_per_request": _spread([v for r in runs if (v := _proxy_cpu(r)) is not None])
+                if proxy
+                else None,
+                "cpu_ratio": _spread(_per_round(runs, baseline, _proxy_cpu)) if proxy else None,
                 "storm": _sum_storms(storms) if storms else None,
                 "soak": next((r["soak"] for r in reversed(runs) if "soak" in r), None),
                 "errors": errors.get(scenario.name, []),
             }
         )
     return summaries
+
+
+def summarise_document(records: list[Record]) -> list[Summary]:
+    """Summaries of every scenario of the grid that has a record (a run may have covered only some)."""
+    ran = {record["scenario"] for record in records}
+    return summarise([s for s in all_scenarios() if s.name in ran], records)
 
 
 def _sum_dicts(dicts: list[dict[str, int]]) -> dict[str, int]:
@@ -110,30 +153,19 @@ def _sum_storms(storms: list[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-def write_json(path: Path, environment: dict[str, Any], settings: dict[str, Any], records: list[Record],
-               summaries: list[dict[str, Any]]) -> None:  # fmt: skip
-    document = {"environment": environment, "settings": settings, "summary": summaries, "runs": records}
+def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
-def _fmt_spread(spread: dict[str, float] | None, fmt: str, unit: str = "") -> str:
-    if spread is None:
-        return "-"
-    median = format(spread["median"], fmt) + unit
-    if spread["min"] == spread["max"]:
-        return median
-    return f"{median} ({format(spread['min'], fmt)}-{format(spread['max'], fmt)})"
-
-
 def _cell(summary: Summary) -> str:
-    """A pivot-table cell: bare gets its rps, everything else its ratio and Redis commands."""
+    """A pivot-table cell: bare gets its 2xx/s, everything else its ratio and Redis commands."""
     if summary["rps"] is None:
         return "failed" if summary["errors"] else "not run"
     if summary["soak"] is not None:
         soak = summary["soak"]
         return f"RSS {soak['rss_start_mb']:.0f} -> {soak['rss_end_mb']:.0f} MB (max {soak['rss_max_mb']:.0f})"
     if summary["baseline"] is None:
-        return f"{summary['rps']['median']:,.0f} rps"
+        return f"{summary['rps']['median']:,.0f} 2xx/s"
     if summary["storm"] is not None:  # throughput means little here: 409s are cheap, waiting is slow
         storm, requests = summary["storm"], summary["requests"] or 1
         parts = [
@@ -143,134 +175,32 @@ def _cell(summary: Summary) -> str:
         if summary["status"].get("5xx"):
             parts.append(f"**{summary['status']['5xx']} x 5xx**")
         return " · ".join(parts)
-    parts = [_fmt_spread(summary["ratio"], ".2f", "x")]
+    parts = [fmt_spread(summary["ratio"], ".2f", "x")]
     commands = summary["redis_commands_per_request"]
     if commands is not None and summary["store"] == "redis":
         parts.append(f"{commands['median']:g} cmds")
     executed = summary["executed_per_request"]
     if summary["mode"] == Mode.NOKEY and (executed is None or executed["median"] < 0.99):
         parts.append(f"executed {executed['median'] if executed else 0:.0%}")
-    if summary["status"].get("5xx"):
-        parts.append(f"**{summary['status']['5xx']} x 5xx**")
+    if summary["non_2xx"]:
+        parts.append(f"**{summary['non_2xx']:,} non-2xx**")
     return " · ".join(parts)
 
 
 def _commands(summary: Summary) -> str:
     if not summary["redis_commands_counted"]:
         return "n/a"  # the layer keeps no state in Redis
-    return _fmt_spread(summary["redis_commands_per_request"], "g")
-
-
-# --- SPEC §7 targets ---------------------------------------------------------------------------------
-
-MET, NOT_MET, NOT_MEASURED = "met", "**not met**", "not measured"
-
-
-def _median(summary: Summary | None, field: str) -> float | None:
-    if summary is None or summary.get(field) is None:
-        return None
-    return float(summary[field]["median"])
-
-
-def _ratio_targets(named: dict[str, Summary]) -> list[tuple[str, str, str]]:
-    rows = []
-    for mode, floor in ((Mode.REPLAY, 1.0), (Mode.FIRST, 0.6), (Mode.NOKEY, 0.95)):
-        summary = named.get(f"{OURS}-{mode}")
-        label = f"{mode.description}: ≥ {floor:.2f}x the bare app"
-        ratio = _median(summary, "ratio")
-        if summary is None or ratio is None:
-            rows.append((label, NOT_MEASURED, NOT_MEASURED))
-            continue
-        measured = _fmt_spread(summary["ratio"], ".2f", "x")
-        if ratio < floor:
-            measured += f", {(floor - ratio) / floor:.0%} short"
-        rows.append((label, measured, MET if ratio >= floor else NOT_MET))
-    return rows
-
-
-def _command_targets(named: dict[str, Summary]) -> list[tuple[str, str, str]]:
-    expected = {Mode.FIRST: 2, Mode.REPLAY: 1, Mode.NOKEY: 0}
-    rows = []
-    for target in (OURS, PROXY):
-        counts = {mode: _median(named.get(f"{target}-{mode}"), "redis_commands_per_request") for mode in expected}
-        measured = " / ".join("-" if n is None else f"{n:g}" for n in counts.values())
-        if any(n is not None and n > expected[mode] for mode, n in counts.items()):
-            verdict = NOT_MET
-        else:
-            verdict = NOT_MEASURED if None in counts.values() else MET
-        rows.append((f"{target}: Redis commands per request, first / replay / no key ≤ 2 / 1 / 0", measured, verdict))
-    return rows
-
-
-def _storm_faults(summary: Summary | None) -> tuple[int, int] | None:
-    """(duplicate executions, 5xx) of a storm, None when it was not measured."""
-    if summary is None or summary["storm"] is None:
-        return None
-    return summary["storm"]["duplicate_executions"], summary["status"].get("5xx", 0)
-
-
-def _peer_targets(named: dict[str, Summary], kinds: list[str]) -> list[tuple[str, str, str]]:
-    """Ahead of both peers: throughput ratio for first/replay/no key, correctness for the storms."""
-    rows = []
-    for kind in kinds:
-        names = [OURS, *PEERS]
-        if kind.startswith(str(Mode.STORM)):
-            label = f"ahead of both peers, {describe_kind(kind)}: fewest duplicate executions and 5xx (ties count)"
-            faults = [_storm_faults(named.get(f"{name}-{kind}")) for name in names]
-            shown = [NOT_MEASURED if f is None else f"{f[0]:,} dup / {f[1]:,} 5xx" for f in faults]
-            mine = faults[0]
-            behind = mine is not None and any(f is not None and (mine[0] > f[0] or mine[1] > f[1]) for f in faults[1:])
-            complete = None not in faults
-        else:
-            label = f"ahead of both peers, {describe_kind(kind)}: higher throughput (ratio to bare)"
-            ratios = [_median(named.get(f"{name}-{kind}"), "ratio") for name in names]
-            shown = [NOT_MEASURED if r is None else f"{r:.2f}x" for r in ratios]
-            mine_ratio = ratios[0]
-            behind = mine_ratio is not None and any(r is not None and mine_ratio <= r for r in ratios[1:])
-            complete = None not in ratios
-        measured = "; ".join(f"{name} {value}" for name, value in zip(names, shown, strict=True))
-        rows.append((label, measured, NOT_MET if behind else MET if complete else NOT_MEASURED))
-    return rows
-
-
-def _soak_target(named: dict[str, Summary]) -> tuple[str, str, str]:
-    label = f"proxy RSS flat within {SOAK_TARGET_MB:g} MB over {SOAK_TARGET_REQUESTS:,} unique keys (peak - start)"
-    summary = named.get(f"{PROXY}-soak")
-    if summary is None or summary["soak"] is None:
-        return label, NOT_MEASURED, NOT_MEASURED
-    soak = summary["soak"]
-    measured = (
-        f"+{soak['peak_growth_mb']:.1f} MB (start {soak['rss_start_mb']:.1f}, end {soak['rss_end_mb']:.1f}, "
-        f"max {soak['rss_max_mb']:.1f} MB) over {summary['requests']:,} requests"
-    )
-    if summary["requests"] < SOAK_TARGET_REQUESTS:
-        measured += f" (fewer than {SOAK_TARGET_REQUESTS:,}: indicative only)"
-    if summary["non_2xx"]:
-        measured += f", {summary['non_2xx']:,} non-2xx"
-    return label, measured, MET if soak["peak_growth_mb"] < SOAK_TARGET_MB else NOT_MET
-
-
-def target_rows(summaries: list[Summary]) -> list[tuple[str, str, str]]:
-    """(target, measured value, verdict) for every SPEC §7 target, judged from this run's summaries."""
-    named = {s["scenario"]: s for s in summaries}
-    # Every scenario of ours, measured or not: the table always lists every target.
-    kinds = [s.kind for s in all_scenarios() if s.target.name == OURS and s.mode is not Mode.SOAK]
-    return [
-        *_ratio_targets(named),
-        *_command_targets(named),
-        *_peer_targets(named, kinds),
-        _soak_target(named),
-    ]
+    return fmt_spread(summary["redis_commands_per_request"], "g")
 
 
 def _peer_commands_note(named: dict[str, Summary]) -> str:
     parts = []
-    for peer in PEERS:
+    for peer in verdicts.PEERS:
         target = next(t for t in TARGETS if t.name == peer)
         if not target.redis_commands:
             parts.append(f"{peer}: not measured, it has no Redis store (its records live in process memory)")
             continue
-        counts = [_median(named.get(f"{peer}-{mode}"), "redis_commands_per_request") for mode in
+        counts = [verdicts.median(named.get(f"{peer}-{mode}"), "redis_commands_per_request") for mode in
                   (Mode.FIRST, Mode.REPLAY, Mode.NOKEY)]  # fmt: skip
         if all(n is None for n in counts):
             parts.append(f"{peer}: not measured in this run")
@@ -279,34 +209,47 @@ def _peer_commands_note(named: dict[str, Summary]) -> str:
     return "Redis commands of the peers, counted the same way (first / replay / no key): " + "; ".join(parts) + "."
 
 
+def _target_table(summaries: list[Summary]) -> list[str]:
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    return lines + [f"| {label} | {measured} | {verdict} |" for label, measured, verdict in
+                    verdicts.target_rows(summaries)]  # fmt: skip
+
+
 def targets_section(summaries: list[Summary]) -> list[str]:
     named = {s["scenario"]: s for s in summaries}
     lines = [
         "## SPEC §7 targets",
         "",
-        f"Judged from this run. Ratios and Redis commands are the `{OURS}` middleware's (medians over rounds, "
-        "min-max in brackets); the proxy adds a network hop, so its ratios are reported below but not judged.",
+        "Judged from this run (medians over rounds, min-max in brackets). Throughput is 2xx answers per "
+        "second, divided by the baseline's in the same round; the non-2xx answers are shown beside it. "
+        '"Ahead" is strict: an equal value (ratios as shown, to 2 decimals) is a **tie**. The middleware rows are '
+        f"the `{verdicts.OURS}` middleware's against the bare app; the proxy rows are relay-idem's proxy against "
+        "nginx `proxy_pass` and asgiproxy, each in front of the same nginx fast upstream (CPU of the proxy's own "
+        "processes per request).",
         "",
-        "| target | measured | verdict |",
-        "|---|---|---|",
+        *_target_table(summaries),
     ]
-    lines += [f"| {label} | {measured} | {verdict} |" for label, measured, verdict in target_rows(summaries)]
-    lines += ["", _peer_commands_note(named), ""]
-    return lines
+    return [*lines, "", _peer_commands_note(named), ""]
 
 
 # --- RESULTS.md ----------------------------------------------------------------------------------------
 
 
 def _load_line(settings: dict[str, Any]) -> str:
+    nokey = settings.get("nokey_rounds", settings["rounds"])
     line = (
         f"- Load: {settings['generator']}, {settings['threads']} thread(s), {settings['connections']} connections, "
         f"{settings['duration']} s per scenario after {settings['warmup']} s warm-up; {settings['rounds']} round(s) "
-        f"alternating A B A B, each scenario in a fresh uvicorn process (uvloop, httptools; 1 worker, `-w2` "
-        f"scenarios 2 workers for the app and the proxy in front of it) on a fresh redis-server; storm: "
+        f"alternating A B A B"
+        + (f" ({max(nokey, settings['rounds'])} for the middleware's no-key scenarios and bare)" if nokey > settings[
+            "rounds"] else "")
+        + ", each scenario in fresh processes (uvicorn with uvloop and httptools; 1 worker, `-w2` scenarios "
+        "2 workers for the app and the proxy in front of it) on a fresh redis-server; storm: "
         f"{settings['storm_burst']} concurrent requests per key against an app that takes "
         f"{settings['storm_delay_ms']:g} ms"
-    )
+    )  # fmt: skip
+    if settings.get("proxy_args"):
+        line += f"; every relay-idem proxy started with `{' '.join(settings['proxy_args'])}`"
     if "soak_requests" in settings:
         line += (
             f"; soak (once): {settings['soak_requests']:,} unique-key requests through the proxy (1 worker, Redis "
@@ -315,49 +258,7 @@ def _load_line(settings: dict[str, Any]) -> str:
     return line
 
 
-def _soak_section(summaries: list[Summary], charts: list[str]) -> list[str]:
-    soaks = [s for s in summaries if s["soak"] is not None]
-    if not soaks:
-        return []
-    lines = ["", "## Proxy soak", "",
-             "| scenario | requests | rps | p99 ms | non-2xx | processes | RSS start MB | RSS end MB | RSS max MB "
-             "| growth MB (end - start) | peak growth MB (max - start) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for s in soaks:
-        soak = s["soak"]
-        lines.append(
-            f"| {s['scenario']} | {s['requests']:,} | {_fmt_spread(s['rps'], ',.0f')} | "
-            f"{_fmt_spread(s['p99_ms'], '.2f')} | {s['non_2xx']:,} | {soak['proxy_processes']} | "
-            f"{soak['rss_start_mb']:.1f} | {soak['rss_end_mb']:.1f} | {soak['rss_max_mb']:.1f} | "
-            f"{soak['growth_mb']:+.1f} | {soak['peak_growth_mb']:+.1f} |"
-        )
-    lines += ["", "The RSS series (seconds, MB, requests executed) is in `results.json` (`runs[].soak.samples`)."]
-    if "proxy_rss.png" in charts:
-        lines += ["", "![Proxy RSS over the soak](proxy_rss.png)"]
-    return lines
-
-
-def _see_also(out: Path) -> list[str]:
-    here = Path(__file__).resolve().parent
-    lines = ["", "## See also", ""]
-    for relative, what in SEE_ALSO:
-        link = os.path.relpath(here / relative, out.resolve())
-        lines.append(f"- [benchmarks/{relative}]({link}): {what}")
-    return lines
-
-
-def markdown(
-    environment: dict[str, Any],
-    settings: dict[str, Any],
-    summaries: list[Summary],
-    records: list[Record],
-    charts: Sequence[str] = (),
-    out: Path = Path(),
-) -> str:
-    """RESULTS.md: the §7 targets, how the run was made, summary, charts, details, storms, soak, see also.
-
-    ``charts`` are the PNG file names written next to it (linked when present), ``out`` its directory.
-    """
+def _run_section(environment: dict[str, Any], parts: list[dict[str, Any]], records: list[Record]) -> list[str]:
     machine, versions = environment["machine"], environment["versions"]
     foreign = [r["foreign_cpu_pct"] for r in records if "foreign_cpu_pct" in r]
     steal = [r["steal_cpu_pct"] for r in records if "steal_cpu_pct" in r]
@@ -367,28 +268,38 @@ def markdown(
         if foreign
         else ""
     )
-    lines = ["# Benchmark results", "", *targets_section(summaries)]
+    lines = ["## The run", ""]
+    for part in parts:
+        env, settings = part["environment"], part["settings"]
+        which = f" — groups: {', '.join(part['groups'])}" if len(parts) > 1 else ""
+        lines += [
+            f"- Date: {env['date']} (git {env['git']}){which}",
+            f"- Command: `{env['command']}`",
+            _load_line(settings),
+        ]
     lines += [
-        "## The run",
-        "",
-        f"- Date: {environment['date']} (git {environment['git']})",
         f"- Machine: {machine['nproc']} CPUs (nproc), {machine['cpu_model']}, {machine['memory_gib']} GiB RAM, "
         f"Linux {machine['kernel']}{load_note}",
         "- Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
-        _load_line(settings),
-        f"- Command: `{environment['command']}`",
         "",
-        "Ratios are medians of per-round throughput divided by the bare app's in the same round, with min-max over "
-        "rounds; storms are judged by duplicate executions and status codes (throughput in the details). "
-        "`cmds` = Redis commands the client sent per request (MONITOR, script-internal commands excluded). "
-        "Server CPU = CPU time of the app (and the proxy in front of it, all their worker processes) per request, "
-        "Redis excluded.",
+        "Ratios are medians of per-round 2xx answers per second divided by the baseline's in the same round, with "
+        "min-max over rounds; storms are judged by duplicate executions and status codes (throughput in the "
+        "details). `cmds` = Redis commands the client sent per request (MONITOR, script-internal commands "
+        "excluded). Server CPU = CPU time of the app (and the proxy in front of it, all their worker processes) per "
+        "request, Redis excluded; in the proxy group, of the proxy's processes only.",
         "",
     ]
-    targets = list(dict.fromkeys(s["target"] for s in summaries))
-    kinds = sorted({s["kind"] for s in summaries}, key=kind_order)
-    cells = {(s["target"], s["kind"]): s for s in summaries}
-    lines += ["## Summary", "", "| scenario | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    return lines
+
+
+def _summary_section(summaries: list[Summary], charts: Sequence[str]) -> list[str]:
+    table = [s for s in summaries if s["group"] != Group.PROXY]
+    if not table:
+        return []
+    targets = list(dict.fromkeys(s["target"] for s in table))
+    kinds = sorted({s["kind"] for s in table}, key=kind_order)
+    cells = {(s["target"], s["kind"]): s for s in table}
+    lines = ["## Summary", "", "| scenario | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
     for kind in kinds:
         row = [describe_kind(kind)]
         for target in targets:
@@ -399,42 +310,134 @@ def markdown(
         lines.append("| " + " | ".join(row) + " |")
     bar_charts = [name for name in ("throughput.png", "p99.png") if name in charts]
     if bar_charts:
-        lines += ["", "## Charts", "", "Storms and the soak are left out (see their tables).", ""]
+        lines += ["", "## Charts", "", "Storms, the proxy group and the soak are left out (see their tables).", ""]
         lines += [f"![{name.removesuffix('.png')}]({name})" for name in bar_charts]
+    return lines
 
-    lines += ["", "## Details", "",
-              "| scenario | store | rps median (min-max) | ratio | p50 ms | p99 ms | requests | non-2xx | 409 | 5xx "
-              "| executed/req | Redis cmds/req | server CPU µs/req |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+def _proxy_section(summaries: list[Summary], charts: Sequence[str]) -> list[str]:
+    group = [s for s in summaries if s["group"] == Group.PROXY]
+    if not group:
+        return []
+    targets = list(dict.fromkeys((s["target"], s["workers"]) for s in group))
+    cells = {(s["target"], s["workers"], s["mode"]): s for s in group}
+    names = [f"{target}" + (f" ({workers} workers)" if workers > 1 else "") for target, workers in targets]
+    lines = ["", "## Proxy, against nginx", "",
+             "Each proxy in front of the same nginx fast upstream (`return 202` with a fixed JSON body), one proxy "
+             "process each (relay-idem also with `--workers 2`); nginx `proxy_pass` with a `keepalive 64` upstream "
+             "pool is the reference and asgiproxy 0.2 (Starlette + aiohttp, under uvicorn) the Python peer; neither "
+             "does idempotency. Each cell: CPU µs per request of the proxy's own processes (its x nginx's in the "
+             "same round), 2xx answers per second, non-2xx answers.", "",
+             "| scenario | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for mode in (Mode.NOKEY, Mode.FIRST, Mode.REPLAY):
+        row = [mode.description]
+        for target, workers in targets:
+            s = cells.get((target, workers, str(mode)))
+            if s is None or s["rps"] is None:
+                row.append("failed" if s is not None and s["errors"] else "")
+                continue
+            cpu = fmt_spread(s["proxy_cpu_us_per_request"], ".0f", " µs")
+            if s["cpu_ratio"] is not None:
+                cpu += f" ({s['cpu_ratio']['median']:.1f}x)"
+            row.append(f"{cpu} · {s['rps']['median']:,.0f} 2xx/s · {s['non_2xx']:,} non-2xx")
+        lines.append("| " + " | ".join(row) + " |")
+    if "proxy_cpu.png" in charts:
+        lines += ["", "![Proxy CPU per request](proxy_cpu.png)"]
+    return lines
+
+
+def _details_section(summaries: list[Summary]) -> list[str]:
+    lines = ["", "## Details", "",
+             "| scenario | store | 2xx/s median (min-max) | ratio | p50 ms | p99 ms | requests | non-2xx | 409 | 5xx "
+             "| executed/req | Redis cmds/req | server CPU µs/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in summaries:
         lines.append(
             "| " + " | ".join([
-                s["scenario"], s["store"], _fmt_spread(s["rps"], ",.0f"),
-                _fmt_spread(None if s["storm"] else s["ratio"], ".2f", "x"),
-                _fmt_spread(s["p50_ms"], ".2f"), _fmt_spread(s["p99_ms"], ".2f"), f"{s['requests']:,}",
-                str(s["non_2xx"]), str(s["status"].get("409", 0)), str(s["status"].get("5xx", 0)),
-                _fmt_spread(s["executed_per_request"], ".3f"), _commands(s),
-                _fmt_spread(s["server_cpu_us_per_request"], ".0f"),
+                s["scenario"], s["store"], fmt_spread(s["rps"], ",.0f"),
+                fmt_spread(None if s["storm"] else s["ratio"], ".2f", "x"),
+                fmt_spread(s["p50_ms"], ".2f"), fmt_spread(s["p99_ms"], ".2f"), f"{s['requests']:,}",
+                f"{s['non_2xx']:,}", str(s["status"].get("409", 0)), str(s["status"].get("5xx", 0)),
+                fmt_spread(s["executed_per_request"], ".3f"), _commands(s),
+                fmt_spread(s["server_cpu_us_per_request"], ".0f"),
             ]) + " |"
         )  # fmt: skip
+    return lines
 
+
+def _storm_section(summaries: list[Summary]) -> list[str]:
     storms = [s for s in summaries if s["storm"] is not None]
-    if storms:
-        lines += ["", "## Conflict storms", "",
-                  "Executions counted outside the app process (Redis `HINCRBY` per execution, per key), with 1 and "
-                  "with 2 worker processes. A layer that keeps its records in process memory cannot see a duplicate "
-                  "that the other worker is running.", "",
-                  "| scenario | store | workers | requests | keys executed | executions | duplicate executions "
-                  "| keys executed >1x | max per key | 409 | 5xx |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for s in storms:
-            st = s["storm"]
-            lines.append(
-                f"| {s['scenario']} | {s['store']} | {s['workers']} | {s['requests']:,} | {st['keys']:,} | "
-                f"{st['executions']:,} | {st['duplicate_executions']:,} | {st['keys_executed_more_than_once']:,} | "
-                f"{st['max_executions_per_key']} | {s['status'].get('409', 0):,} | {s['status'].get('5xx', 0):,} |"
-            )
-    lines += _soak_section(summaries, list(charts))
+    if not storms:
+        return []
+    lines = ["", "## Conflict storms", "",
+             "Executions counted outside the app process (Redis `HINCRBY` per execution, per key), with 1 and "
+             "with 2 worker processes. A layer that keeps its records in process memory cannot see a duplicate "
+             "that the other worker is running.", "",
+             "| scenario | store | workers | requests | keys executed | executions | duplicate executions "
+             "| keys executed >1x | max per key | 409 | 5xx |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in storms:
+        st = s["storm"]
+        lines.append(
+            f"| {s['scenario']} | {s['store']} | {s['workers']} | {s['requests']:,} | {st['keys']:,} | "
+            f"{st['executions']:,} | {st['duplicate_executions']:,} | {st['keys_executed_more_than_once']:,} | "
+            f"{st['max_executions_per_key']} | {s['status'].get('409', 0):,} | {s['status'].get('5xx', 0):,} |"
+        )
+    return lines
+
+
+def _soak_section(summaries: list[Summary], charts: Sequence[str]) -> list[str]:
+    soaks = [s for s in summaries if s["soak"] is not None]
+    if not soaks:
+        return []
+    lines = ["", "## Proxy soak", "",
+             "| scenario | requests | 2xx/s | p99 ms | non-2xx | processes | RSS start MB | RSS end MB | RSS max MB "
+             "| growth MB (end - start) | peak growth MB (max - start) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in soaks:
+        soak = s["soak"]
+        lines.append(
+            f"| {s['scenario']} | {s['requests']:,} | {fmt_spread(s['rps'], ',.0f')} | "
+            f"{fmt_spread(s['p99_ms'], '.2f')} | {s['non_2xx']:,} | {soak['proxy_processes']} | "
+            f"{soak['rss_start_mb']:.1f} | {soak['rss_end_mb']:.1f} | {soak['rss_max_mb']:.1f} | "
+            f"{soak['growth_mb']:+.1f} | {soak['peak_growth_mb']:+.1f} |"
+        )
+    lines += ["", "The RSS series (seconds, MB, requests executed) is in `results.json` (`runs[].soak.samples`)."]
+    if "proxy_rss.png" in charts:
+        lines += ["", "![Proxy RSS over the soak](proxy_rss.png)"]
+    return lines
+
+
+def _see_also(out: Path) -> list[str]:
+    lines = ["", "## See also", ""]
+    for relative, what in SEE_ALSO:
+        link = os.path.relpath(HERE / relative, out.resolve())
+        lines.append(f"- [benchmarks/{relative}]({link}): {what}")
+    return lines
+
+
+def parts_of(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs a results.json was put together from (``--only`` reruns replace their groups' records)."""
+    if "parts" in document:
+        return list(document["parts"])
+    groups = sorted({str(s.group) for s in all_scenarios() if s.name in {r["scenario"] for r in document["runs"]}})
+    return [{"groups": groups, "environment": document["environment"], "settings": document["settings"]}]
+
+
+def markdown(document: dict[str, Any], summaries: list[Summary], charts: Sequence[str] = (),
+             out: Path = Path()) -> str:  # fmt: skip
+    """RESULTS.md: the §7 targets, how the run was made, summary, charts, proxy group, details, storms, soak.
+
+    ``charts`` are the PNG file names written next to it (linked), ``out`` its directory.
+    """
+    records = document["runs"]
+    lines = ["# Benchmark results", "", *targets_section(summaries)]
+    lines += _run_section(document["environment"], parts_of(document), records)
+    lines += _summary_section(summaries, charts)
+    lines += _proxy_section(summaries, charts)
+    lines += _details_section(summaries)
+    lines += _storm_section(summaries)
+    lines += _soak_section(summaries, charts)
     commands = [s for s in summaries if s["redis_commands_by_name"]]
     if commands:
         lines += ["", "## Redis commands per request, by command", ""]
@@ -447,3 +450,67 @@ def markdown(
         lines += [f"- {s['scenario']}: {' / '.join(error.splitlines())}" for s in failed for error in s["errors"]]
     lines += _see_also(out)
     return "\n".join(lines) + "\n"
+
+
+# --- README.md -----------------------------------------------------------------------------------------
+
+
+def readme_block(document: dict[str, Any], summaries: list[Summary]) -> str:
+    """The README's benchmark table: every §7 target row, met or not, and where it comes from."""
+    dates = "; ".join(f"{p['environment']['date']} (git {p['environment']['git']}, `{p['environment']['command']}`)"
+                      for p in parts_of(document))  # fmt: skip
+    lines = [
+        README_BEGIN,
+        f"From [benchmarks/results.json](benchmarks/results.json), run {dates}; every SPEC §7 target, met or "
+        "not (details and charts in [benchmarks/RESULTS.md](benchmarks/RESULTS.md)):",
+        "",
+        *_target_table(summaries),
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the marked benchmark block replaced by ``block``; ValueError without the markers."""
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md has no {README_BEGIN} ... {README_END} block")
+    return text[:start] + block + text[end + len(README_END) :]
+
+
+def load(out: Path) -> tuple[dict[str, Any], list[Summary]]:
+    document = json.loads((out / "results.json").read_text())
+    return document, summarise_document(document["runs"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", action="store_true", help="rewrite the benchmark table of README.md")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when RESULTS.md or the README table differ from results.json")  # fmt: skip
+    parser.add_argument("--dir", type=Path, default=HERE, help="where results.json is (default benchmarks/)")
+    args = parser.parse_args(argv)
+    document, summaries = load(args.dir)
+    block = readme_block(document, summaries)
+    if args.check:
+        from benchmarks import charts
+
+        stale = []
+        expected = markdown(document, summaries, charts.chart_names(summaries), args.dir)
+        if (args.dir / "RESULTS.md").read_text() != expected:
+            stale.append(str(args.dir / "RESULTS.md"))
+        if block not in README.read_text():
+            stale.append(str(README))
+        for path in stale:
+            print(f"{path} is not what {args.dir / 'results.json'} renders to (python -m benchmarks --render)")
+        return 1 if stale else 0
+    if args.readme:
+        README.write_text(replace_block(README.read_text(), block))
+        print(f"wrote the benchmark table of {README}")
+        return 0
+    parser.print_usage(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

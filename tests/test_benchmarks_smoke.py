@@ -1,8 +1,9 @@
 """Smoke test of the benchmark harness (benchmarks/): every scenario runs and produces numbers.
 
-Every scenario of every target in quick mode: storms with 1 and 2 workers, a small proxy soak, the
-SPEC §7 targets table and the charts. No thresholds: timing belongs to ``python -m benchmarks``,
-not to the test suite.
+Every scenario of every middleware target in quick mode: storms with 1 and 2 workers, a small proxy
+soak, part of the proxy group (nginx, asgiproxy, relay-idem's proxy with 1 and 2 workers), the SPEC §7
+targets table and the charts. No thresholds: timing belongs to ``python -m benchmarks``, not to the
+test suite.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import grid, report
+from benchmarks import charts, grid, procs, report, verdicts
 from benchmarks.load.wrk import parse_output
 from benchmarks.monitor import count_lines
 
@@ -26,6 +27,7 @@ SOAK_REQUESTS = 2000
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not on PATH")
+needs_nginx = pytest.mark.skipif(procs.nginx_path() is None, reason="nginx not installed")
 
 
 def run_harness(out: Path, *args: str) -> dict[str, object]:
@@ -58,8 +60,12 @@ def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
         assert load["requests"] > 0, run
         assert load["rps"] > 0, run
         assert load["p50_ms"] > 0 and load["p99_ms"] >= load["p50_ms"], run
-        assert run["executed_per_request"] is not None, run
-        assert set(run["cpu_us_per_request"]) >= {"app", "redis"}, run
+        if run["scenario"].startswith("proxy-"):  # the fast upstream counts nothing; the proxy's CPU is apart
+            assert run["executed_per_request"] is None, run
+            assert set(run["cpu_us_per_request"]) == {"upstream", "proxy", "redis"}, run
+        else:
+            assert run["executed_per_request"] is not None, run
+            assert set(run["cpu_us_per_request"]) >= {"app", "redis"}, run
         if run["mode"] == "storm":
             assert run["storm"]["keys"] > 0, run
             assert run["storm"]["executions"] == run["executed"], run
@@ -74,15 +80,12 @@ def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
     for name in expected:
         assert f"| {name} |" in markdown
     # The SPEC §7 targets table comes first, whatever was selected; the See also list comes last.
-    assert markdown.index("## SPEC §7 targets") < markdown.index("## Summary")
-    for label, _, verdict in report.target_rows(document["summary"]):  # type: ignore[arg-type]
-        assert f"| {label} |" in markdown and verdict in {"met", "**not met**", "not measured"}
-    assert markdown.rstrip().splitlines()[-1].startswith("- [benchmarks/proxy_client/RESULTS.md]")
+    assert markdown.index("## SPEC §7 targets") < markdown.index("## The run") < markdown.index("## Details")
+    for label, _, verdict in verdicts.target_rows(document["summary"]):  # type: ignore[arg-type]
+        assert f"| {label} |" in markdown and verdict in verdicts.VERDICTS
+    assert markdown.rstrip().splitlines()[-1].startswith(f"- [benchmarks/{report.SEE_ALSO[-1][0]}]")
     if HAS_MATPLOTLIB:
-        modes = {run["mode"] for run in runs}
-        charts = {"throughput.png", "p99.png"} if modes & {"first", "replay", "nokey"} else set()
-        charts |= {"proxy_rss.png"} if "soak" in modes else set()
-        for chart in charts:
+        for chart in charts.chart_names(document["summary"]):  # type: ignore[arg-type]
             assert (out / chart).stat().st_size > 0
             assert f"]({chart})" in markdown
 
@@ -90,7 +93,7 @@ def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
 @pytest.mark.slow
 @needs_redis_server
 @pytest.mark.parametrize(
-    "target", ["bare", "asgi-idempotency-header", "fastapi-idempotency", "relay-idem", "relay-idem-proxy"]
+    "target", ["bare", "asgi-idempotency-header", "fastapi-idempotency", "idemkit", "relay-idem", "relay-idem-proxy"]
 )
 def test_quick_run_gives_numbers_for_every_scenario(tmp_path: Path, target: str) -> None:
     (chosen,) = [t for t in grid.TARGETS if t.name == target]
@@ -106,6 +109,31 @@ def test_quick_run_gives_numbers_for_every_scenario(tmp_path: Path, target: str)
             assert run["redis_commands"]["non_2xx"] == 0
         if run["scenario"] == "bare":
             assert run["redis_commands"]["per_request"] == 0
+
+
+# The proxy group in part: every proxy, relay-idem's with 1 and 2 workers and in every mode (Redis commands).
+PROXY_SCENARIOS = ["proxy-nginx-nokey", "proxy-asgiproxy-nokey", "proxy-relay-idem-nokey", "proxy-relay-idem-replay",
+                   "proxy-relay-idem-first-w2"]  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_redis_server
+@needs_nginx
+def test_quick_proxy_group_gives_cpu_per_request_and_verdicts(tmp_path: Path) -> None:
+    missing = {name for t in grid.TARGETS if t.fast_upstream for name in t.missing()}
+    if missing:
+        pytest.skip(f"needs {sorted(missing)}: pip install -r benchmarks/requirements.txt")
+    document = run_harness(tmp_path, "--only", "proxy", "--scenarios", ",".join(PROXY_SCENARIOS))
+    assert_numbers(document, PROXY_SCENARIOS)
+    runs = {run["scenario"]: run for run in document["runs"]}  # type: ignore[attr-defined]
+    assert runs["proxy-relay-idem-first-w2"]["redis_commands"]["per_request"] == 2
+    assert runs["proxy-relay-idem-replay"]["redis_commands"]["per_request"] == 1
+    assert runs["proxy-relay-idem-nokey"]["redis_commands"]["per_request"] == 0
+    assert runs["proxy-relay-idem-first-w2"]["workers"] == 2
+    assert all(run["load"]["non_2xx"] == 0 for run in runs.values())
+    rows = {label: verdict for label, _, verdict in verdicts.target_rows(document["summary"])}  # type: ignore[arg-type]
+    assert rows["proxy, no key: ≥ 4x asgiproxy's 2xx/s"] in {verdicts.MET, verdicts.NOT_MET}
+    assert "## Proxy, against nginx" in (tmp_path / "RESULTS.md").read_text()
 
 
 @pytest.mark.slow
@@ -153,6 +181,12 @@ def test_scenario_selection() -> None:
     assert [s.name for s in grid.select("relay-idem-first")] == ["relay-idem-first"]
     assert [s.name for s in grid.select("bare")] == ["bare"]
     assert len(grid.select("fastapi-idempotency")) == 5
+    assert {s.group for s in grid.select(None, "proxy")} == {grid.Group.PROXY}
+    assert [s.name for s in grid.select("*nokey*", "proxy")] == [
+        "proxy-nginx-nokey", "proxy-asgiproxy-nokey", "proxy-relay-idem-nokey", "proxy-relay-idem-nokey-w2"
+    ]  # fmt: skip
+    (first,) = grid.select("proxy-asgiproxy-first")
+    assert first.baseline == "proxy-nginx-first"
     assert [s.name for s in grid.select("bare*")] == ["bare", "bare-storm", "bare-storm-w2"]
     # Storms run with 1 and 2 workers against the bare storm with as many; the proxy soak has no baseline.
     (storm_w2,) = grid.select("relay-idem-storm-w2")
@@ -160,3 +194,5 @@ def test_scenario_selection() -> None:
     assert [(s.name, s.baseline) for s in grid.select("*-soak")] == [("relay-idem-proxy-soak", None)]
     with pytest.raises(ValueError, match="no scenario matches"):
         grid.select("nope")
+    with pytest.raises(ValueError, match="unknown group"):
+        grid.select(None, "proxies")

@@ -11,6 +11,7 @@ Environment:
   counted outside the app process (used by the conflict-storm scenarios only, because
   it costs a Redis round trip).
 - ``BENCH_APP_DELAY_MS``: simulated work per message (``asyncio.sleep``), 0 by default.
+- ``BENCH_UPSTREAM_URL``: where the proxy-group app (asgiproxy) forwards to.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from starlette.routing import Route
 REDIS_URL_ENV = "BENCH_REDIS_URL"
 COUNT_URL_ENV = "BENCH_COUNT_URL"
 DELAY_ENV = "BENCH_APP_DELAY_MS"
+UPSTREAM_URL_ENV = "BENCH_UPSTREAM_URL"
 EXECUTIONS_HASH = "bench:executions"
 NO_KEY = "-"
 

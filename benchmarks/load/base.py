@@ -57,6 +57,11 @@ class LoadResult:
         return self.requests / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
+    def ok_rps(self) -> float:
+        """2xx answers per second: what the throughput verdicts count (errors answered fast are not throughput)."""
+        return self.status.get("2xx", 0) / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
     def non_2xx(self) -> int:
         return self.requests - self.status.get("2xx", 0)
 
@@ -66,6 +71,7 @@ class LoadResult:
             "requests": self.requests,
             "duration_s": round(self.duration_s, 3),
             "rps": round(self.rps, 1),
+            "ok_rps": round(self.ok_rps, 1),
             "p50_ms": round(self.p50_ms, 3),
             "p90_ms": round(self.p90_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
