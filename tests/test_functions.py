@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -264,6 +265,15 @@ async def run_once_under_a_storm(store: Store, key: str) -> None:
 
     assert await asyncio.gather(*(work() for _ in range(50))) == [{"run": 1}] * 50
     assert runs == 1
+
+
+async def run_once_on(url: str) -> None:
+    """:func:`run_once_under_a_storm` on a fresh ``RedisStore.from_url(url)``, with a prefix of its own."""
+    store = RedisStore.from_url(url, prefix=f"functions-{uuid.uuid4().hex[:12]}")
+    try:
+        await run_once_under_a_storm(store, "reminder-1")
+    finally:
+        await store.close()
 
 
 async def test_a_storm_of_calls_runs_once(store: Store) -> None:

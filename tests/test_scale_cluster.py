@@ -21,7 +21,7 @@ from relay_idem.exceptions import StoreUnavailable
 from relay_idem.store.base import Record, StoredResponse
 from tests.redis_servers import RedisCluster, RedisServer, start_cluster, wait_until
 from tests.relay_processes import MESSAGE, calls, keyed, new_id, running_proxy
-from tests.test_functions import run_once_under_a_storm
+from tests.test_functions import run_once_on
 
 pytestmark = pytest.mark.anyio
 
@@ -112,11 +112,7 @@ async def test_a_cold_store_survives_a_storm_of_claims(cluster: RedisCluster) ->
 
 @pytest.mark.slow
 async def test_an_idempotent_function_runs_once_on_cluster(cluster: RedisCluster) -> None:
-    store = RedisStore.from_url(cluster.url, prefix=f"{PREFIX}-functions-{new_id()}")
-    try:
-        await run_once_under_a_storm(store, "reminder-1")
-    finally:
-        await store.close()
+    await run_once_on(cluster.url)
 
 
 def subscribed_nodes(cluster: RedisCluster, channel: str) -> list[RedisServer]:

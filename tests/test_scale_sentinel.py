@@ -21,7 +21,7 @@ from relay_idem import RedisStore
 from relay_idem.exceptions import StoreUnavailable
 from tests.redis_servers import RedisSentinel, start_sentinel
 from tests.relay_processes import MESSAGE, PROBLEM, calls, keyed, new_id, running_proxy, wait_for
-from tests.test_functions import run_once_under_a_storm
+from tests.test_functions import run_once_on
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -43,11 +43,7 @@ def subscribers(topology: RedisSentinel, port: int, channel: str) -> int:
 
 
 async def test_an_idempotent_function_runs_once_on_sentinel(topology: RedisSentinel) -> None:
-    store = RedisStore.from_url(topology.url, prefix=f"functions-{new_id()}")
-    try:
-        await run_once_under_a_storm(store, "reminder-1")
-    finally:
-        await store.close()
+    await run_once_on(topology.url)
 
 
 async def test_after_a_forced_failover_the_store_writes_to_the_new_primary_within_a_second(
