@@ -99,9 +99,11 @@ def route_table(
             if not isinstance(value, str):
                 raise ConfigFileError(f"{path}: {key} must be a string, not {_type_name(value)} {value!r}")
             route[name] = value
-        else:
-            converted = convert(path, key, params[ROUTE_FLAG_NAMES.get(str(name), str(name))], value, ctx)
+        elif (param := params.get(ROUTE_FLAG_NAMES.get(str(name), str(name)))) is not None:
+            converted = convert(path, key, param, value, ctx)
             route[name] = list(converted) if isinstance(converted, tuple) else converted
+        else:  # an option without a flag of its own: RoutePolicy checks it
+            route[name] = value
     try:
         RoutePolicy.from_table(route)
     except ValueError as exc:
