@@ -67,7 +67,9 @@ class Store(Protocol):
         """Claim ``key`` for ``lock_ttl`` seconds if it is free; otherwise return what it holds."""
 
     async def complete(self, key: str, token: str, record: Record, ttl: float) -> bool:
-        """Store the finished ``record`` for ``ttl`` seconds. False: the claim belongs to another owner."""
+        """Store the finished ``record`` for ``ttl`` seconds. False: another owner holds the key, or it holds
+        another outcome. A key that already holds this very record is True, so a write can be retried
+        after a failure that came after the store took it."""
 
     async def release(self, key: str, token: str) -> bool:
         """Delete our claim so that a retry executes again. False: it was no longer ours."""

@@ -124,6 +124,16 @@ async def test_complete_twice_is_refused_the_second_time(store: Store) -> None:
     assert (await store.begin(key, FINGERPRINT, 10)).record.response == RESPONSE
 
 
+async def test_complete_repeated_with_the_same_record_is_stored(store: Store) -> None:
+    """A completion retried after a failure that came once the store had taken it (a lost reply, SPEC 3.8)."""
+    key = key_of(store)
+    claim = await store.begin(key, FINGERPRINT, 10)
+    assert claim.token is not None
+    assert await store.complete(key, claim.token, completed(claim), 60)
+    assert await store.complete(key, claim.token, completed(claim), 60) is True
+    assert (await store.begin(key, FINGERPRINT, 10)).record.response == RESPONSE
+
+
 async def test_complete_after_the_lease_expired_and_another_owner_claimed_is_refused(store: Store) -> None:
     """Fencing: a finisher that lost its lease never overwrites the newer owner (SPEC 3.8)."""
     key = key_of(store)
