@@ -250,6 +250,9 @@ def prefix_flag() -> Callable[[F], F]:
       help="Largest response body kept for replay; larger ones are delivered but not kept.")  # fmt: skip
 @flag("on-store-error", default="closed", type=click.Choice(["closed", "open"]),
       help="Redis fails: 503 (closed) or pass requests through unprotected (open).")  # fmt: skip
+@flag("complete-retry", default=30.0, type=click.FloatRange(min=0), metavar="SECONDS",
+      help="How long an outcome write that failed is retried, keeping the claim (0: not retried); "
+           "shutdown waits for these writes.")  # fmt: skip
 @flag("key", metavar="SOURCE",
       help="Where the key comes from: 'header:NAME' or 'json:PATH' (a field of a JSON body, e.g. "
            "'json:event.id'). Default: the --header-name header.")  # fmt: skip

@@ -95,6 +95,7 @@ class Config:
     max_request_bytes: int = MIDDLEWARE_DEFAULTS.max_request_bytes
     max_response_bytes: int = MIDDLEWARE_DEFAULTS.max_response_bytes
     on_store_error: StoreErrorPolicy = MIDDLEWARE_DEFAULTS.on_store_error
+    complete_retry: float = MIDDLEWARE_DEFAULTS.complete_retry
     key: str | None = MIDDLEWARE_DEFAULTS.key
     replay_exclude_header: tuple[str, ...] = tuple(MIDDLEWARE_DEFAULTS.replay_exclude_headers)
     # [[route]] tables of a --config file: plain values, so that they travel to worker processes as JSON.
@@ -155,6 +156,7 @@ class Config:
             max_request_bytes=self.max_request_bytes,
             max_response_bytes=self.max_response_bytes,
             on_store_error=self.on_store_error,
+            complete_retry=self.complete_retry,
             key=self.key,
             replay_exclude_headers=self.replay_exclude_header,
             routes=tuple(RoutePolicy.from_table(route) for route in self.routes),

@@ -1,4 +1,4 @@
-"""Running the app for a claimed key, and storing its outcome (SPEC §3.2, §3.6)."""
+"""Running the app for a claimed key, and storing its outcome (SPEC §3.2, §3.6; retries §3.8: pending.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from relay_idem.exceptions import StoreUnavailable
 from relay_idem.headers import end_to_end
 from relay_idem.keys import key_hint
 from relay_idem.lease import Lease
-from relay_idem.metrics import LEASE_LOST, OUTCOME, STORE_TIME
+from relay_idem.metrics import OUTCOME, STORE_TIME
+from relay_idem.pending import PendingWrite, completion_counted
 from relay_idem.problems import APP_ERROR, problem_body, problem_headers
 from relay_idem.store.base import Claim, Record, StoredResponse
 
@@ -166,20 +167,10 @@ class Execution:
         try:
             stored = await self.store.complete(self.request.store_key, self.token, record, self.config.ttl)
         except StoreUnavailable as exc:
-            OUTCOME["not_stored"].inc()
-            logger.warning(
-                "relay-idem: could not store the outcome (%s); a retry will execute again (key %s…)", exc, self.key_hint
-            )
+            self.retry_later(record, exc)
             return
         STORE_TIME["complete"].observe(time.perf_counter() - started)
-        if stored:
-            OUTCOME["executed"].inc()
-            return
-        OUTCOME["not_stored"].inc()
-        LEASE_LOST.inc()
-        logger.warning(
-            "relay-idem: lease lost; a newer owner holds the key, outcome not stored (key %s…)", self.key_hint
-        )
+        completion_counted(stored, self.key_hint)
 
     async def release(self) -> None:
         OUTCOME["not_stored"].inc()
@@ -187,10 +178,23 @@ class Execution:
         try:
             await self.store.release(self.request.store_key, self.token)
         except StoreUnavailable as exc:
-            logger.warning(
-                "relay-idem: could not release the key (%s); it frees itself after lock_ttl (key %s…)",
-                exc,
-                self.key_hint,
-            )
+            self.retry_later(None, exc)
             return
         STORE_TIME["release"].observe(time.perf_counter() - started)
+
+    def retry_later(self, record: Record | None, error: StoreUnavailable) -> None:
+        """The store failed to take the outcome (or the release): keep it and retry it (SPEC §3.8).
+
+        Our caller sends the last response message at once, without waiting for the retries.
+        """
+        write = PendingWrite(
+            self.store,
+            self.request.store_key,
+            self.token,
+            record,
+            config=self.config,
+            leased_at=self.lease.confirmed_at,
+            key_hint=self.key_hint,
+            error=error,
+        )
+        self.middleware.pending.add(write)

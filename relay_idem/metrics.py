@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 OUTCOMES = ("executed", "replayed", "conflict", "mismatch", "invalid", "bypass", "store_error", "not_stored")
 FUNCTION_OUTCOMES = ("executed", "replayed", "conflict", "mismatch", "released", "store_error", "not_stored")
 STORE_OPERATIONS = ("begin", "complete", "release", "renew")
+GIVE_UP_REASONS = ("timeout", "overflow", "stopped")
 
 REQUESTS = Counter(
     "relay_idem_requests",
@@ -38,6 +39,19 @@ LEASE_LOST = Counter(
     "Claims lost before their request finished (the late write was refused by the owner token).",
     registry=REGISTRY,
 )
+PENDING_WRITES = Gauge(
+    "relay_idem_pending_writes",
+    "Outcome writes (completions and releases) the store failed to take, being retried (SPEC 3.8).",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+WRITES_GIVEN_UP = Counter(
+    "relay_idem_writes_given_up",
+    "Outcome writes given up: complete_retry ran out (timeout), too many pending (overflow), or the "
+    "process stopped retrying (stopped).",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 class Count(Protocol):
@@ -54,3 +68,4 @@ class Timing(Protocol):
 OUTCOME: dict[str, Count] = {outcome: REQUESTS.labels(outcome) for outcome in OUTCOMES}
 FUNCTION_OUTCOME = {outcome: FUNCTION_CALLS.labels(outcome) for outcome in FUNCTION_OUTCOMES}
 STORE_TIME: dict[str, Timing] = {op: STORE_SECONDS.labels(op) for op in STORE_OPERATIONS}
+GIVEN_UP = {reason: WRITES_GIVEN_UP.labels(reason) for reason in GIVE_UP_REASONS}

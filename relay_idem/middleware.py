@@ -26,6 +26,7 @@ from relay_idem.options import (
     MismatchPolicy,
     StoreErrorPolicy,
 )
+from relay_idem.pending import PendingWrites
 from relay_idem.problems import (
     DUPLICATE_KEY_HEADER,
     INVALID_KEY,
@@ -100,6 +101,7 @@ class IdempotencyMiddleware:
         max_request_bytes: int | None = None,
         max_response_bytes: int | None = None,
         on_store_error: StoreErrorPolicy | None = None,
+        complete_retry: float | None = None,
         routes: Collection[RoutePolicy] | None = None,
         key: str | None = None,
         replay_exclude_headers: Collection[str] | None = None,
@@ -119,10 +121,13 @@ class IdempotencyMiddleware:
         self.header = self.policy.source.header
         self.required_paths = self.policy.required_paths
         self.waiting = 0  # repeats of this process waiting in on_conflict="wait" mode
+        self.pending = PendingWrites()  # outcome writes the store failed to take, being retried
         tracing.refresh()  # an app that set its tracer provider before building the middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
+            if scope["type"] == "lifespan":
+                receive = self.receive_draining(receive)
             await self.app(scope, receive, send)
             return
         if self.routed:
@@ -257,6 +262,25 @@ class IdempotencyMiddleware:
             fingerprint=request_fingerprint(scope, body, mode=config.fingerprint, headers=policy.fingerprint_headers),
             policy=policy,
         )
+
+    async def drain(self) -> None:
+        """Wait for the outcome writes still being retried (SPEC §3.8); each ends within ``complete_retry``.
+
+        The middleware calls it itself when the server sends the ASGI lifespan shutdown, before the
+        app's own shutdown runs; call it yourself where no lifespan reaches the middleware.
+        """
+        await self.pending.drain()
+
+    def receive_draining(self, receive: Receive) -> Receive:
+        """The lifespan channel, holding ``lifespan.shutdown`` back until the pending writes are done."""
+
+        async def receive_after_drain() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.drain()
+            return message
+
+        return receive_after_drain
 
     async def begin(self, request: KeyedRequest) -> Claim:
         started = time.perf_counter()

@@ -56,6 +56,7 @@ class IdempotencyConfig:
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 1024 * 1024
     on_store_error: StoreErrorPolicy = "closed"
+    complete_retry: float = 30.0
     routes: Collection[RoutePolicy] = ()
     key: str | None = None
     replay_exclude_headers: Collection[str] = ()
@@ -74,7 +75,7 @@ class IdempotencyConfig:
         _check_choice("on_store_error", self.on_store_error, ("closed", "open"))
         for name in ("ttl", "lock_ttl", "wait_timeout"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_waiters", "max_request_bytes", "max_response_bytes"):
+        for name in ("max_waiters", "max_request_bytes", "max_response_bytes", "complete_retry"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
 

@@ -184,7 +184,9 @@ class ProxyApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # The server has let in-flight requests finish (and their records complete) by now.
+                # The server has let in-flight requests finish by now; their outcome writes that
+                # failed are still being retried, for complete_retry at most (SPEC §3.8).
+                await self.idempotent.drain()
                 await self.upstream.close()
                 await self.store.close()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -13,7 +13,7 @@ process grabbed meanwhile is noticed): a server that does not come up raises
     start_sentinel() -> RedisSentinel
         .url = "redis+sentinel://127.0.0.1:s1,.../relay" .primary .failover() .wait_primary_changed() .rejoin() .stop()
     DelayProxy(target_port, delay_s)
-        a TCP relay that holds every reply back by ``delay_s``; .start() .stop() .drop_connections()
+        a TCP relay that holds every reply back by ``delay_s``; .start() .stop() .drop_connections() .cut() .heal()
 
 All of them are context managers, and anything still running when the interpreter exits
 is stopped by an ``atexit`` hook, so a failed test run leaves no ``redis-server`` behind
@@ -671,6 +671,7 @@ class DelayProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self.refusing = False
 
     @property
     def url(self) -> str:
@@ -703,6 +704,8 @@ class DelayProxy:
         writers = [client_writer]
         self._writers.add(client_writer)
         try:
+            if self.refusing:
+                return
             try:
                 upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
             except OSError:
@@ -753,6 +756,14 @@ class DelayProxy:
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
+
+    def cut(self) -> None:
+        """A partition: relayed connections are aborted and new ones closed at once, until :meth:`heal`."""
+        self.refusing = True
+        self.drop_connections()
+
+    def heal(self) -> None:
+        self.refusing = False
 
     def drop_connections(self, timeout: float = STOP_TIMEOUT) -> None:
         """Abort every relayed connection, both sides (the listener stays open): a network blip."""

@@ -52,8 +52,8 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
         "--require-key", "/b*,/c*", "--ttl", "60", "--lock-ttl", "3", "--on-conflict", "wait", "--wait-timeout", "2",
         "--on-mismatch", "replay", "--fingerprint", "json", "--fingerprint-header", "X-Tenant", "--scope-header",
         "X-Api-Key", "--max-waiters", "7", "--max-request-bytes", "2MiB", "--max-response-bytes", "512KiB",
-        "--on-store-error", "open", "--log-level", "debug", "--access-log", "--key", "json:event.id",
-        "--replay-exclude-header", "set-cookie", "--replay-exclude-header", "x-a,x-b",
+        "--on-store-error", "open", "--complete-retry", "5", "--log-level", "debug", "--access-log", "--key",
+        "json:event.id", "--replay-exclude-header", "set-cookie", "--replay-exclude-header", "x-a,x-b",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = Config(**captured_run.call_args.kwargs)
@@ -64,10 +64,12 @@ def test_every_proxy_flag_reaches_a_config(captured_run: mock.MagicMock) -> None
         require_key=("/a*", "/b*", "/c*"), ttl=60.0, lock_ttl=3.0, on_conflict="wait", wait_timeout=2.0,
         on_mismatch="replay", fingerprint="json", fingerprint_header=("X-Tenant",), scope_header="X-Api-Key",
         max_waiters=7, max_request_bytes=2 * 1024 * 1024, max_response_bytes=512 * 1024, on_store_error="open",
-        log_level="debug", access_log=True, key="json:event.id", replay_exclude_header=("set-cookie", "x-a", "x-b"),
+        complete_retry=5.0, log_level="debug", access_log=True, key="json:event.id",
+        replay_exclude_header=("set-cookie", "x-a", "x-b"),
     )  # fmt: skip
     idempotency = config.idempotency()
     assert idempotency.methods == ("POST", "PUT")
+    assert idempotency.complete_retry == 5.0
     assert idempotency.scope({"headers": [(b"x-api-key", b"k")]}) != "anonymous"
 
 
@@ -98,6 +100,7 @@ def test_every_flag_has_an_environment_variable(captured_run: mock.MagicMock) ->
         "RELAY_IDEM_MAX_RESPONSE_BYTES": "2MiB",
         "RELAY_IDEM_ACCESS_LOG": "true",
         "RELAY_IDEM_SCOPE_HEADER": "X-Api-Key",
+        "RELAY_IDEM_COMPLETE_RETRY": "2.5",
     }
     assert invoke("proxy", env=env).exit_code == 0
     kwargs = captured_run.call_args.kwargs
@@ -112,6 +115,7 @@ def test_every_flag_has_an_environment_variable(captured_run: mock.MagicMock) ->
     assert kwargs["max_response_bytes"] == 2 * 1024 * 1024
     assert kwargs["access_log"] is True
     assert kwargs["scope_header"] == "X-Api-Key"
+    assert kwargs["complete_retry"] == 2.5
 
 
 def test_a_flag_beats_its_environment_variable(captured_run: mock.MagicMock) -> None:
@@ -247,6 +251,7 @@ BAD_INPUT = {
     "port out of range": ["proxy", "--upstream", "http://app:99999"],
     "unknown choice": ["proxy", "--upstream", "http://app:8000", "--on-conflict", "sometimes"],
     "memory store with workers": ["proxy", "--upstream", "http://app:8000", "--workers", "2"],
+    "negative complete retry": ["proxy", "--upstream", "http://app:8000", "--complete-retry", "-1"],
     "bad size": ["proxy", "--upstream", "http://app:8000", "--max-request-bytes", "lots"],
     "bad redis url": ["proxy", "--upstream", "http://app:8000", "--redis", "localhost:6379"],
     "unknown command": ["serve"],

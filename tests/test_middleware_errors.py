@@ -255,8 +255,9 @@ async def test_store_recovering_resumes_idempotency_by_itself() -> None:
 
 
 async def test_store_failing_at_completion_still_sends_the_response(caplog: pytest.LogCaptureFixture) -> None:
+    """Without retries (complete_retry=0); with them, tests/test_outcome_retry.py."""
     app = Counter()
-    middleware = IdempotencyMiddleware(app, store=FailingStore("complete"))
+    middleware = IdempotencyMiddleware(app, store=FailingStore("complete"), complete_retry=0)
     with caplog.at_level(logging.WARNING, logger="relay_idem"), Delta() as moved:
         result = await call(middleware, headers=idem("k"))
     assert result.status == 200
@@ -267,7 +268,7 @@ async def test_store_failing_at_completion_still_sends_the_response(caplog: pyte
 
 async def test_store_failing_at_release_still_sends_the_response() -> None:
     app = Statuses(503)
-    middleware = IdempotencyMiddleware(app, store=FailingStore("release"))
+    middleware = IdempotencyMiddleware(app, store=FailingStore("release"), complete_retry=0)
     result = await call(middleware, headers=idem("k"))
     assert result.status == 503
     assert result.body == b"call 1: 503"
