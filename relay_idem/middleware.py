@@ -26,7 +26,7 @@ from relay_idem.options import (
     MismatchPolicy,
     StoreErrorPolicy,
 )
-from relay_idem.pending import PendingWrites
+from relay_idem.pending import PendingWrites, drain_every
 from relay_idem.problems import (
     DUPLICATE_KEY_HEADER,
     INVALID_KEY,
@@ -270,6 +270,15 @@ class IdempotencyMiddleware:
         app's own shutdown runs; call it yourself where no lifespan reaches the middleware.
         """
         await self.pending.drain()
+
+    @staticmethod
+    async def drain_all() -> None:
+        """:meth:`drain` for every ``IdempotencyMiddleware`` of this process.
+
+        For frameworks that build the middleware themselves and keep the lifespan from it (Litestar:
+        ``Litestar(..., on_shutdown=[IdempotencyMiddleware.drain_all])``).
+        """
+        await drain_every()
 
     def receive_draining(self, receive: Receive) -> Receive:
         """The lifespan channel, holding ``lifespan.shutdown`` back until the pending writes are done."""

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from relay_idem.exceptions import StoreUnavailable
@@ -175,6 +176,10 @@ class PendingWrite:
         )
 
 
+# Every middleware's pending writes in this process, for drain_every().
+EVERY_PENDING: weakref.WeakSet[PendingWrites] = weakref.WeakSet()
+
+
 class PendingWrites:
     """The writes one middleware is retrying, oldest first, each in a task of its own."""
 
@@ -183,6 +188,7 @@ class PendingWrites:
         self.limit_bytes = limit_bytes
         self.bytes = 0  # response bodies held by the pending writes
         self.tasks: dict[asyncio.Task[None], PendingWrite] = {}
+        EVERY_PENDING.add(self)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -227,3 +233,9 @@ class PendingWrites:
         """Return once every pending write has landed or been given up (each within ``complete_retry``)."""
         while self.tasks:
             await asyncio.wait(list(self.tasks))
+
+
+async def drain_every() -> None:
+    """:meth:`PendingWrites.drain` for every middleware of this process."""
+    for pending in list(EVERY_PENDING):
+        await pending.drain()

@@ -7,13 +7,18 @@ does the same with real Redis processes paused, killed and restarted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from relay_idem import IdempotencyMiddleware
 from relay_idem.keys import record_key
@@ -228,45 +233,109 @@ async def test_complete_retry_0_gives_up_at_once() -> None:
     assert not middleware.pending
 
 
+class Lifespan:
+    """Runs an app's ASGI lifespan by hand, as a server does."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+        self.channel: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        self.sent: list[str] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def send(self, message: dict[str, str]) -> None:
+        self.sent.append(message["type"])
+
+    async def start(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        self.task = asyncio.create_task(self.app(scope, self.channel.get, self.send))
+        await self.channel.put({"type": "lifespan.startup"})
+        await until(lambda: self.sent == ["lifespan.startup.complete"], "start-up")
+
+    async def shut_down(self, store: CountingStore) -> None:
+        """Send the shutdown; once two more writes have failed meanwhile, let the store recover."""
+        attempts = store.calls["complete"]
+        await self.channel.put({"type": "lifespan.shutdown"})
+        await until(lambda: store.calls["complete"] >= attempts + 2, "two more attempts during the shutdown")
+        assert self.sent == ["lifespan.startup.complete"]  # still shutting down
+        store.failing.clear()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, HANG_GUARD)
+        assert self.sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def stored(store: CountingStore, key: str) -> bool:
+    info = await store.get(record_key(store.prefix, ANONYMOUS_SCOPE, key))
+    return info is not None and info.record.response is not None
+
+
 async def test_the_lifespan_shutdown_reaches_the_app_after_the_pending_writes_landed() -> None:
     store = CountingStore("complete")
     app = Counter()
-    events: list[str] = []
+    at_shutdown: list[bool] = []
 
     async def app_with_lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
             await app(scope, receive, send)
             return
-        while True:
-            message = await receive()
-            events.append(message["type"])
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                events.append(f"pending {len(middleware.pending)}")
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        at_shutdown.append(await stored(store, "k"))
+        await send({"type": "lifespan.shutdown.complete"})
 
     middleware = IdempotencyMiddleware(app_with_lifespan, store=store)
-    channel: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-    sent: list[str] = []
-
-    async def send(message: dict[str, str]) -> None:
-        sent.append(message["type"])
-
-    lifespan = asyncio.create_task(middleware({"type": "lifespan"}, channel.get, send))
-    await channel.put({"type": "lifespan.startup"})
-    await until(lambda: sent == ["lifespan.startup.complete"], "start-up")
+    lifespan = Lifespan(middleware)
+    await lifespan.start()
     assert (await call(middleware, headers=idem("k"))).status == 200
-    await channel.put({"type": "lifespan.shutdown"})
-    attempts = store.calls["complete"]
-    await until(lambda: store.calls["complete"] >= attempts + 2, "two more attempts during the shutdown")
-    assert events == ["lifespan.startup"]  # the app has not been told yet
-    store.failing.clear()
-    await asyncio.wait_for(lifespan, HANG_GUARD)
-    assert events == ["lifespan.startup", "lifespan.shutdown", "pending 0"]
-    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-    assert (await store.get(record_key(store.prefix, ANONYMOUS_SCOPE, "k"))) is not None
+    await lifespan.shut_down(store)
+    assert at_shutdown == [True]
+
+
+async def test_starlette_add_middleware_drains_before_the_apps_own_shutdown() -> None:
+    store = CountingStore("complete")
+    at_shutdown: list[bool] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        at_shutdown.append(await stored(store, "k"))
+
+    async def send_message(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("queued", status_code=202)
+
+    app = Starlette(routes=[Route("/", send_message, methods=["POST"])], lifespan=lifespan)
+    app.add_middleware(IdempotencyMiddleware, store=store)
+    running = Lifespan(app)
+    await running.start()
+    assert (await call(app, headers=idem("k"))).status == 202
+    await running.shut_down(store)
+    assert at_shutdown == [True]
+
+
+async def test_litestar_drains_with_drain_all_on_shutdown() -> None:
+    """Litestar keeps the lifespan from its (per-route) middleware: ``on_shutdown`` drains them all."""
+    from litestar import Litestar, post
+    from litestar.middleware import DefineMiddleware
+
+    store = CountingStore("complete")
+    at_shutdown: list[bool] = []
+
+    async def record() -> None:
+        at_shutdown.append(await stored(store, "k"))
+
+    @post("/", status_code=202)
+    async def send_message() -> str:
+        return "queued"
+
+    app = Litestar(
+        route_handlers=[send_message],
+        middleware=[DefineMiddleware(IdempotencyMiddleware, store=store)],
+        on_shutdown=[IdempotencyMiddleware.drain_all, record],
+    )
+    running = Lifespan(app)
+    await running.start()
+    assert (await call(app, headers=idem("k"))).status == 202
+    await running.shut_down(store)
+    assert at_shutdown == [True]
 
 
 async def test_a_write_retried_after_it_had_landed_counts_as_stored_not_as_lease_lost() -> None:
