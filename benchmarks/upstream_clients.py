@@ -3,8 +3,8 @@
     python -m benchmarks.upstream_clients [--rounds 2] [--duration 5] [--only NAME ...]
 
 nginx (one worker) answers every request with ``return 202`` and a fixed JSON body, so the proxy in
-front of it is the bottleneck. One relay-idem proxy process per candidate (memory store, uvicorn as
-``relay-idem proxy`` runs it), each differing only in the object its Forwarder sends through; then
+front of it is the bottleneck. One relay-idem proxy process per candidate (memory store, served as
+``relay-idem proxy`` serves it), each differing only in the object its Forwarder sends through; then
 ``wrk -t1 -c32 -d5s`` against each in turn, in an order that alternates round by round. For each run:
 requests per second, and the proxy process's CPU time per request (utime + stime from /proc).
 Prints a markdown table of medians (issue 9; the results are in benchmarks/README.md).
@@ -86,15 +86,17 @@ def open_candidate(name: str, upstream: str, timeout: float) -> Upstream:
 
 def serve(name: str, port: int, upstream: str) -> None:
     """One proxy process, as ``relay-idem proxy`` runs it, with the candidate as its upstream client."""
-    import uvicorn
+    import uvloop
 
-    from relay_idem.cli import uvicorn_options
+    from relay_idem import server
     from relay_idem.config import Config
     from relay_idem.proxy import build_proxy_app
 
     config = Config(upstream=upstream, host=HOST, port=port, log_level="warning")
     app = build_proxy_app(config, upstream=open_candidate(name, upstream, config.upstream_timeout))
-    uvicorn.run(app, **uvicorn_options(HOST, port, "warning", access_log=False, proxy=True))
+    server.configure_logging(config)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(server.serve(config, app=app))
 
 
 class TunedAiohttpUpstream:

@@ -20,6 +20,9 @@ What it handles, and how:
   the close arrives (``eof_received`` / ``connection_lost``), not on a timer of ours. A connection
   idle for longer than ``RECHECK_IDLE_AFTER`` gets one turn of the event loop before it is
   written to, so a close already on its way in is seen first.
+- The upstream's keep-alive timeout is learnt from those closes (the last one counts): a pooled
+  connection idle for nearly that long (``KEEP_ALIVE_MARGIN``) is closed rather than reused, since
+  the upstream's close could cross our request on the wire — which would make it ambiguous.
 - Retries (issue 9, item 4): a request is sent on another connection only when it provably never
   reached the upstream: the connection was found closed before any byte was written, or the very
   first write failed at once (the socket refused it: nothing left). Once a byte has left, every
