@@ -110,7 +110,7 @@ class Limits:
     @property
     def tick(self) -> float:
         """The connection timer's longest sleep: no deadline is ever nearer than this when it is set."""
-        return min(self.header_timeout, self.body_timeout, self.send_timeout, self.keepalive_timeout, LINGER)
+        return min(self.header_timeout, self.body_timeout, self.send_timeout, self.keepalive_timeout)
 
 
 class Front:
@@ -179,7 +179,10 @@ class Connection(asyncio.Protocol):
         self.server = transport.get_extra_info("sockname")
         now = self.loop.time()
         if len(self.front.connections) >= self.limits.max_connections or self.front.stopping:
-            self.refuse(OVER_CAPACITY, now)
+            # No lingering here: a flood of connections must not hold more descriptors than it has to.
+            self.discarding = True
+            transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
+            transport.close()
             return
         self.front.connections.add(self)
         self.read_deadline = now + self.limits.header_timeout
@@ -433,9 +436,12 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
+        # The linger may end sooner than the timer's next wake-up (it is the one deadline shorter
+        # than the tick): re-arm it, which only error answers pay for.
         self.read_deadline = now + LINGER
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.read_deadline, self.on_timer)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(self.read_deadline, self.on_timer)
 
     # --- running requests -----------------------------------------------------------------------------
 

@@ -144,6 +144,24 @@ async def test_well_framed_pipelined_requests_are_answered_in_order(
     assert (await calls(client, upstream, second))["calls"] == 1
 
 
+async def test_a_pipelined_head_over_the_limit_is_not_forwarded(
+    proxy: tuple[str, int], upstream: str, client: httpx.AsyncClient
+) -> None:
+    url, _ = proxy
+    first, second = new_id(), new_id()
+    # Both heads in one write: the second starts inside the read that ends the first.
+    data = (
+        f"GET /echo?id={first} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode()
+        + f"GET /echo?id={second} HTTP/1.1\r\nHost: proxy\r\nX-Big: ".encode()
+        + b"b" * (70 * 1024)
+        + b"\r\n\r\n"
+    )
+    response = await exchange(url, data)
+    assert response.startswith(b"HTTP/1.1 200 ")  # the first is answered, then the connection closes
+    assert (await calls(client, upstream, first))["calls"] == 1
+    assert (await calls(client, upstream, second))["calls"] == 0
+
+
 async def test_an_upgrade_request_is_answered_as_a_plain_request_and_the_connection_closes(
     proxy: tuple[str, int], upstream: str, client: httpx.AsyncClient
 ) -> None:
