@@ -88,12 +88,12 @@ class ByteSize(click.ParamType[int]):
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, fit for an error message."""
+    """``url`` without its passwords (the user-info's and Sentinel's), fit for an error message."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    query = re.sub(r"(sentinel_password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit(parts._replace(query=query))
 
 
 async def ping_store(url: str, prefix: str) -> None:

@@ -97,8 +97,17 @@ class RedisServer:
     mode. ``config`` lines are appended to the generated config file.
     """
 
-    def __init__(self, port: int, directory: Path, *, config: list[str] | None = None, sentinel: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        directory: Path,
+        *,
+        config: list[str] | None = None,
+        sentinel: bool = False,
+        password: str | None = None,
+    ) -> None:
         self.port = port
+        self.password = password  # what this module's own clients authenticate with
         self.host = HOST
         self.dir = directory
         self.sentinel = sentinel
@@ -134,6 +143,7 @@ class RedisServer:
     def client(self, **kwargs: Any) -> redis.Redis:
         """A sync client for this server; the caller closes it."""
         kwargs.setdefault("socket_timeout", 2.0)
+        kwargs.setdefault("password", self.password)
         kwargs.setdefault("socket_connect_timeout", 2.0)
         return redis.Redis(host=self.host, port=self.port, **kwargs)
 
@@ -277,13 +287,21 @@ def _remove_dir(directory: Path) -> None:
 
 
 def _start_server(
-    directory: Path, *, config: Callable[[int], list[str]] | None = None, sentinel: bool = False, attempts: int = 3
+    directory: Path,
+    *,
+    config: Callable[[int], list[str]] | None = None,
+    sentinel: bool = False,
+    attempts: int = 3,
+    password: str | None = None,
 ) -> RedisServer:
     """Start a server on a fresh free port, trying another port if the chosen one was taken meanwhile."""
     error: RedisServerError | None = None
     for _ in range(attempts):
         port = free_port()
-        server = RedisServer(port, directory, config=config(port) if config else None, sentinel=sentinel)
+        extra = config(port) if config else []
+        if password is not None:
+            extra = [f"requirepass {password}", *extra]
+        server = RedisServer(port, directory, config=extra, sentinel=sentinel, password=password)
         try:
             return server.start()
         except RedisServerError as exc:
@@ -621,29 +639,47 @@ def start_sentinel(
     down_after_ms: int = 1000,
     failover_timeout_ms: int = 3000,
     timeout: float = 30.0,
+    replicas: int = 1,
+    password: str | None = None,
+    sentinel_password: str | None = None,
 ) -> RedisSentinel:
-    """A primary, a replica of it and three sentinels with quorum 2, all settled.
+    """A primary, ``replicas`` replicas of it and three sentinels with quorum 2, all settled.
 
-    See :meth:`RedisSentinel.wait_ready`; startup takes about 5 s, as sentinels find each
-    other through hello messages sent every 2 s.
+    ``password`` protects the data nodes (``requirepass``, ``masterauth``, and the sentinels'
+    ``auth-pass``), ``sentinel_password`` the sentinels themselves (``requirepass``, and
+    ``sentinel-pass`` between them). See :meth:`RedisSentinel.wait_ready`; startup takes about 5 s,
+    as sentinels find each other through hello messages sent every 2 s.
     """
     root = _new_dir("sentinel")
     topology = RedisSentinel([], [], root, service, failover_timeout_ms / 1000)
+    auth = [f"masterauth {password}"] if password else []
     try:
-        primary = _start_server(root / "redis0")
+        primary = _start_server(root / "redis0", config=lambda _port: auth, password=password)
         topology.servers.append(primary)
-        topology.servers.append(
-            _start_server(root / "redis1", config=lambda _port: [f"replicaof {HOST} {primary.port}"])
-        )
+        for index in range(1, replicas + 1):
+            topology.servers.append(
+                _start_server(
+                    root / f"redis{index}",
+                    config=lambda _port: [*auth, f"replicaof {HOST} {primary.port}"],
+                    password=password,
+                )
+            )
         sentinel_config = [
             f"sentinel monitor {service} {HOST} {primary.port} 2",
             f"sentinel down-after-milliseconds {service} {down_after_ms}",
             f"sentinel failover-timeout {service} {failover_timeout_ms}",
             f"sentinel parallel-syncs {service} 1",
+            *([f"sentinel auth-pass {service} {password}"] if password else []),
+            *([f"sentinel sentinel-pass {sentinel_password}"] if sentinel_password else []),
         ]
         for index in range(3):
             topology.sentinels.append(
-                _start_server(root / f"sentinel{index}", config=lambda _port: sentinel_config, sentinel=True)
+                _start_server(
+                    root / f"sentinel{index}",
+                    config=lambda _port: sentinel_config,
+                    sentinel=True,
+                    password=sentinel_password,
+                )
             )
         topology.wait_ready(timeout)
     except BaseException:

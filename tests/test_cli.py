@@ -405,3 +405,12 @@ def test_tenant_scope_matches_the_middleware() -> None:
     assert tenant_scope(None, None) == "anonymous"
     assert tenant_scope(None, "raw") == "raw"
     assert tenant_scope("Bearer x", None) == authorization_scope({"headers": [(b"authorization", b"Bearer x")]})
+
+
+def test_sentinel_urls_take_only_sentinel_credentials_as_parameters_and_errors_hide_them() -> None:
+    with pytest.raises(ValueError, match="unknown parameter 'db'"):
+        RedisStore.from_url("redis+sentinel://127.0.0.1:26379/relay?db=2")
+    url = "redis+sentinel://u:data@127.0.0.1:26379/relay?sentinel_username=s&sentinel_password=secret"
+    assert cli_module.redact(url) == (
+        "redis+sentinel://u:***@127.0.0.1:26379/relay?sentinel_username=s&sentinel_password=***"
+    )

@@ -164,3 +164,29 @@ async def test_a_failover_under_load_with_min_replicas_1_is_a_bounded_window_of_
             f"\nfailover: {len(before)} before, {len(errors)} x 503 over {window:.1f} s"
             f" (first {errors[0].sent_at - failover_at:+.1f} s after SENTINEL FAILOVER), {len(after)} after"
         )
+
+
+async def test_sentinels_password_is_a_query_parameter_and_the_user_info_is_the_primarys() -> None:
+    """Issue 12: Sentinel's own password could not be given in the URL."""
+    with start_sentinel(password="data-secret", sentinel_password="sentinel-secret") as protected:
+        nodes = ",".join(f"127.0.0.1:{port}" for port in protected.sentinel_ports)
+        base = f"redis+sentinel://:data-secret@{nodes}/{protected.service}"
+        store = RedisStore.from_url(f"{base}?sentinel_password=sentinel-secret", prefix="auth")
+        try:
+            claim = await store.begin("auth:a", b"fp", 10)
+            assert claim.token is not None
+            assert protected.primary.execute("HEXISTS", "auth:a", "t") == 1
+        finally:
+            await store.close()
+        wrong = [
+            base,  # no password for the sentinels
+            f"{base}?sentinel_password=nope",
+            f"redis+sentinel://:nope@{nodes}/{protected.service}?sentinel_password=sentinel-secret",
+        ]
+        for url in wrong:
+            store = RedisStore.from_url(url, prefix="auth")
+            try:
+                with pytest.raises(StoreUnavailable):
+                    await store.begin("auth:b", b"fp", 10)
+            finally:
+                await store.close()

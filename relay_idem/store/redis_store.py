@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
@@ -70,6 +70,20 @@ def _host_ports(netloc: str, url: str) -> list[tuple[str, int]]:
     return nodes
 
 
+SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
+
+
+def _sentinel_credentials(query: str, url: str) -> dict[str, str]:
+    """Sentinel's own credentials from ``?sentinel_username=&sentinel_password=`` (the user-info is the data nodes')."""
+    fields = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(fields) - set(SENTINEL_QUERY))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter {unknown[0]!r} in {url!r}: a Sentinel URL takes {', '.join(SENTINEL_QUERY)}"
+        )
+    return {name.removeprefix("sentinel_"): values[-1] for name, values in fields.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Connections:
     """What ``from_url`` opens: a redis-py client, the multiplexed connection where one fits, and
@@ -84,7 +98,9 @@ def connect_url(url: str, **options: Any) -> Connections:
     """Clients for any URL form SPEC §1 names.
 
     ``redis://`` and ``unix://`` get a redis-py client and a multiplexed connection for the hot path;
-    ``redis+sentinel://h:p,h:p/service[/db]`` the same, both following the primary Sentinel names;
+    ``redis+sentinel://[user:pass@]h:p,h:p/service[/db][?sentinel_password=…]`` the same, both
+    following the primary Sentinel names: the user-info authenticates to the primary (and is what
+    its replicas take over with), ``sentinel_username``/``sentinel_password`` to the sentinels;
     ``rediss://`` and ``redis+cluster://h:p,h:p`` a redis-py client only.
     """
     options.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
@@ -123,7 +139,12 @@ def connect_url(url: str, **options: Any) -> Connections:
         service, _, db = parts.path.strip("/").partition("/")
         if not service or (db and not db.isdigit()):
             raise ValueError(f"expected redis+sentinel://host:port[,host:port]/service[/db], got {url!r}")
-        sentinel = Sentinel(_host_ports(parts.netloc, url), **options)  # type: ignore[no-untyped-call]
+        sentinel_kwargs = {name: value for name, value in options.items() if name.startswith("socket_")}
+        sentinel_kwargs |= _sentinel_credentials(parts.query, url)
+        sentinel_kwargs |= options.pop("sentinel_kwargs", None) or {}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            _host_ports(parts.netloc, url), sentinel_kwargs=sentinel_kwargs, **options
+        )
         primary: Redis = sentinel.master_for(service, db=int(db or 0), **credentials)
         primary_pool = cast(SentinelConnectionPool, primary.connection_pool)
 
