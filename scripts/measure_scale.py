@@ -13,8 +13,9 @@ On a private redis-server (free port, nothing saved):
    that is how many such requests a Redis can take; divided by what one proxy worker served, how
    many proxy workers one Redis keeps up with.
 3. With ``--failover``: completions acknowledged around a forced ``SENTINEL FAILOVER`` (primary,
-   one replica, three sentinels) that are missing once it is over, without and with
-   ``min_replicas=1``, and how long ``min_replicas=1`` answered store errors.
+   one replica — ``--replicas N`` for more — three sentinels) that are missing once it is over,
+   with ``min_replicas`` from 0 to the number of replicas, and how long ``min_replicas=1`` answered store errors.
+   ``--failover-only`` skips 1 and 2.
 """
 
 from __future__ import annotations
@@ -163,16 +164,21 @@ async def failover_losses(topology: RedisSentinel, min_replicas: int, settle_sec
     }
 
 
-async def failovers() -> dict[str, dict[str, float]]:
-    with start_sentinel() as topology:
-        return {f"min_replicas={n}": await failover_losses(topology, n) for n in (0, 1)}
+async def failovers(replicas: int = 1) -> dict[str, dict[str, float]]:
+    with start_sentinel(replicas=replicas) as topology:
+        return {f"min_replicas={n}": await failover_losses(topology, n) for n in range(replicas + 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--failover", action="store_true", help="also measure a forced Sentinel failover (~45 s)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the primary for --failover")
+    parser.add_argument("--failover-only", action="store_true", help="only the failover measurement")
     options = parser.parse_args()
+    if options.failover_only:
+        print(json.dumps({"failover": asyncio.run(failovers(options.replicas))}, indent=2))
+        return
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed")
     with start_standalone() as server:
