@@ -7,6 +7,7 @@ the proxy's process from /proc over each wrk run, divided by the requests wrk co
 
     python scripts/measure_front.py --redis redis://127.0.0.1:6379/1 --rounds 2 --seconds 5
     python scripts/measure_front.py --app trivial --modes none --rounds 3   # the front alone
+    python scripts/measure_front.py --app forwarder --modes none --rounds 3 # no middleware: a direct path's bound
 
 This is the quick check behind benchmarks/README.md's front rows; ``python -m benchmarks`` makes
 the official proxy numbers.
@@ -68,11 +69,11 @@ request = function()
   return wrk.format(nil, "/v1/messages")
 end
 """
-# argv: upstream port redis prefix front(uvicorn|front) app(proxy|trivial)
+# argv: upstream port redis prefix front(uvicorn|front) app(proxy|trivial|forwarder)
 SERVE = """
 import asyncio, sys, uvicorn, uvloop
 from relay_idem.config import Config
-from relay_idem.proxy import build_proxy_app
+from relay_idem.proxy import Forwarder, build_proxy_app
 from relay_idem.server import serve
 
 BODY = b'{"id": "msg_1", "status": "queued"}'
@@ -90,7 +91,13 @@ async def trivial(scope, receive, send):
     await send({"type": "http.response.body", "body": BODY})
 
 config = Config(upstream=sys.argv[1], port=int(sys.argv[2]), redis=sys.argv[3] or None, prefix=sys.argv[4])
-app = build_proxy_app(config) if sys.argv[6] == "proxy" else trivial
+proxy = build_proxy_app(config)
+forwarder = Forwarder(proxy.upstream)
+
+async def forwarder_only(scope, receive, send):  # the proxy without ProxyApp and the middleware
+    await (proxy if scope["type"] == "lifespan" else forwarder)(scope, receive, send)
+
+app = {"proxy": proxy, "trivial": trivial, "forwarder": forwarder_only}[sys.argv[6]]
 if sys.argv[5] == "front":
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(config, app=app))
@@ -152,9 +159,10 @@ def main() -> None:
     parser.add_argument("--modes", default="none,unique,same")
     parser.add_argument(
         "--app",
-        choices=("proxy", "trivial"),
+        choices=("proxy", "trivial", "forwarder"),
         default="proxy",
-        help="proxy: relay-idem's ProxyApp; trivial: an ASGI app answering 202 itself (the front alone)",
+        help="proxy: relay-idem's ProxyApp; trivial: an ASGI app answering 202 itself (the front alone); "
+        "forwarder: the Forwarder without ProxyApp and the middleware",
     )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="measure-front-"))
