@@ -44,6 +44,7 @@ What it handles, and how:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
@@ -406,7 +407,7 @@ class PooledUpstream:
         assert head_future is not None
         try:
             if isinstance(content, tuple):
-                await self.stream_body(connection, head_future, content)
+                await self.send_streamed(connection, head_future, content)
             else:
                 connection.watch()
             await head_future
@@ -414,6 +415,28 @@ class PooledUpstream:
             connection.drop()
             raise
         return response
+
+    async def send_streamed(
+        self,
+        connection: _Connection,
+        head: asyncio.Future[_Response],
+        content: tuple[AsyncIterable[bytes], int | None],
+    ) -> None:
+        """Stream the body while watching for the response: an early answer (a 413, a 401) stops it.
+
+        A task of its own, so a client that stalls mid-body does not hold back a response the
+        upstream already gave. The connection is not reused after an early answer.
+        """
+        writer = asyncio.ensure_future(self.stream_body(connection, head, content))
+        try:
+            await asyncio.wait((writer, head), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not writer.done():
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+        if not writer.cancelled():
+            writer.result()  # the body's own failure (the client went away), if any
 
     async def close(self) -> None:
         """Close every connection, idle or not."""
@@ -500,7 +523,8 @@ class PooledUpstream:
                     if not head.done():
                         connection.unwatch()
         except BaseException:
-            connection.drop()
+            if not head.done() or head.exception() is not None:
+                connection.drop()  # half a request went out: nothing else can use this connection
             raise
         if head.done() or connection.closed:
             return
@@ -519,7 +543,8 @@ class PooledUpstream:
         idle = self.idle
         if idle:
             connection = next(reversed(idle))
-            if self.loop.time() - connection.idle_since <= RECHECK_IDLE_AFTER:
+            idle_for = self.loop.time() - connection.idle_since
+            if idle_for <= RECHECK_IDLE_AFTER and idle_for < self.reuse_limit:
                 del idle[connection]
                 return connection
         return None
@@ -535,7 +560,11 @@ class PooledUpstream:
                 continue
             if idle_for > RECHECK_IDLE_AFTER:
                 # Let a close that is already on the wire arrive before we write.
-                await asyncio.sleep(0)
+                try:
+                    await asyncio.sleep(0)
+                except BaseException:
+                    connection.close()  # out of the pool already: don't leave it open and unused
+                    raise
             if not connection.closed:
                 return connection, 0
         if len(self.connections) + self.connecting >= self.max_connections:

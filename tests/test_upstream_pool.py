@@ -404,3 +404,54 @@ async def test_the_upstream_sees_the_request_once_through_echo(client: httpx.Asy
     document = json.loads(body)
     assert (status, document["method"], document["query"], document["body_size"]) == (200, "PUT", "id=once&x=%20", 5)
     assert calls == 1
+
+
+async def test_an_early_answer_stops_a_streamed_body_that_stalls() -> None:
+    """The upstream answers 413 after the head; the client's body stalls: the answer comes anyway."""
+
+    async def reject(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    stalled = asyncio.Event()
+
+    async def stalling_body() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        await stalled.wait()  # never set: a client that stopped sending
+        yield b"never"
+
+    async with server(reject) as (url, _):
+        upstream = PooledUpstream(url, timeout=5)
+        try:
+            async with asyncio.timeout(10):  # a hang guard: before the fix, this waited for the body forever
+                response = await upstream.send("POST", "/upload", [(b"content-length", b"2000")], stalling_body())
+            assert response.status == 413
+            assert b"".join([chunk async for chunk in response.body()]) == b"too big!"
+            await response.close()
+            assert not upstream.idle  # half a request went out: never reused
+        finally:
+            await upstream.close()
+
+
+async def test_a_caller_cancelled_while_waiting_drops_the_connection() -> None:
+    received = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        received.set()
+        await asyncio.sleep(10)
+
+    async with server(silent) as (url, _):
+        upstream = PooledUpstream(url, timeout=5)
+        try:
+            waiting = asyncio.ensure_future(upstream.send("GET", "/", [], None))
+            await received.wait()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await wait_for(holds(lambda: not upstream.connections), timeout=10, what="the drop")
+            assert not upstream.idle
+        finally:
+            await upstream.close()
