@@ -32,6 +32,12 @@ Send = Callable[[Message], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
 
 
+# Waits a test expects to end by an event (the store's notification) use LONG_WAIT as their timeout,
+# so that only the event can end them before it; HANG_GUARD bounds how long the test waits for it.
+LONG_WAIT = 60.0
+HANG_GUARD = 10.0
+
+
 async def read_request_body(receive: Receive) -> bytes:
     body = b""
     while True:

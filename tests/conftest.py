@@ -11,6 +11,8 @@ import pytest
 import redis
 
 from relay_idem import MemoryStore, RedisStore, Store
+from relay_idem.store import notifier
+from tests.apps import LONG_WAIT
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -26,6 +28,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def no_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiters on a RedisStore look at their key again only every LONG_WAIT s, not every 0.5 s: a wait
+    with a LONG_WAIT timeout then ends before LONG_WAIT only by the store's notification."""
+    monkeypatch.setattr(notifier, "POLL_INTERVAL", LONG_WAIT)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,24 @@ from relay_idem import IdempotencyMiddleware, MemoryStore, Store
 from relay_idem.fingerprint import request_fingerprint
 from relay_idem.keys import record_key
 from relay_idem.scopes import ANONYMOUS_SCOPE
-from tests.apps import Counter, Echo, Message, Result, Slow, Statuses, call, client, idem, make_scope
+from relay_idem.store import Claim
+from tests.apps import (
+    HANG_GUARD,
+    LONG_WAIT,
+    Counter,
+    Echo,
+    Message,
+    Result,
+    Slow,
+    Statuses,
+    call,
+    client,
+    idem,
+    make_scope,
+)
 from tests.relay_processes import wait_for
 
 pytestmark = pytest.mark.anyio
-
-# SPEC §3.4: a waiting repeat gets the replay within this long of the first request's completion.
-REPLAY_BOUND = 0.05
 
 
 def problem_type(result: Result) -> str:
@@ -68,32 +79,59 @@ async def test_reject_mode_repeat_while_running_is_409_with_retry_after(store: S
     assert app.calls == 1
 
 
-async def test_wait_mode_repeat_gets_the_replay_within_50ms_of_completion(store: Store) -> None:
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    async def check() -> bool:
+        return predicate()
+
+    await wait_for(check, timeout=5.0, what=what, interval=0.01)
+
+
+class CountingStore:
+    """``store`` with its ``begin`` and ``wait`` calls counted: the store commands a request sent."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.begins = 0
+        self.waits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def begin(self, key: str, fingerprint: bytes, lock_ttl: float) -> Claim:
+        self.begins += 1
+        return await self.store.begin(key, fingerprint, lock_ttl)
+
+    async def wait(self, key: str, since: float, timeout: float) -> None:
+        self.waits += 1
+        await self.store.wait(key, since, timeout)
+
+
+async def test_wait_mode_repeats_are_woken_by_the_completion_and_get_the_replay(store: Store, no_polling: None) -> None:
+    # SPEC §3.4/§6a: woken by the completion, not by looking again (the 50 ms figure is the benchmark's).
+    # With polling out of the way and a wait_timeout of LONG_WAIT, only the completion's notification
+    # can end the repeats' waits before then; each repeat looks at the store twice: on arrival, and once
+    # after the wake.
     gate = asyncio.Event()
     app = Slow(gate)
-    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=5)
-    finished: list[float] = []
-
-    async def note_finish(message: Message, result: Result) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            finished.append(time.monotonic())
-
-    first = asyncio.create_task(call(middleware, headers=idem("k"), on_send=note_finish))
-    await asyncio.wait_for(app.started.wait(), 2.0)
+    # A store that wakes waiters by subscription subscribes first (a waiter that comes before the
+    # subscription stands looks at its key again once it does).
+    await store.wait(f"{store.prefix}:warm-up", time.monotonic(), HANG_GUARD)
+    counting = CountingStore(store)
+    middleware = IdempotencyMiddleware(app, store=counting, on_conflict="wait", wait_timeout=LONG_WAIT)
+    first = asyncio.create_task(call(middleware, headers=idem("k")))
+    await asyncio.wait_for(app.started.wait(), HANG_GUARD)
     repeats = [asyncio.create_task(call(middleware, headers=idem("k"))) for _ in range(3)]
-    await asyncio.sleep(0.15)  # the repeats are parked, waiting
+    await until(lambda: counting.waits == len(repeats), "every repeat to look and park, waiting")
+    assert counting.begins == 1 + len(repeats)
     assert not any(repeat.done() for repeat in repeats)
     gate.set()
     first_result = await first
-    results = []
-    for repeat in repeats:
-        result = await asyncio.wait_for(repeat, 2.0)
-        results.append((result, time.monotonic()))
-    for result, _ in results:
+    results = await asyncio.wait_for(asyncio.gather(*repeats), HANG_GUARD)
+    for result in results:
         assert result.status == 200
         assert result.body == first_result.body == b"call 1"
         assert result.header(b"idempotent-replayed") == b"true"
-    assert max(done_at for _, done_at in results) - finished[0] < REPLAY_BOUND
+    assert counting.begins == 1 + 2 * len(repeats)
     assert app.calls == 1
 
 
@@ -103,42 +141,37 @@ async def test_wait_mode_repeat_past_wait_timeout_is_409(store: Store) -> None:
     middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=0.3)
     first = await start_first(middleware, app)
     started = time.monotonic()
-    repeat = await call(middleware, headers=idem("k"))
+    repeat = await asyncio.wait_for(call(middleware, headers=idem("k")), HANG_GUARD)
     elapsed = time.monotonic() - started
     gate.set()
     await first
     assert repeat.status == 409
     assert problem_type(repeat).endswith("/key-in-progress")
     assert retry_after(repeat) >= 1
-    assert 0.3 <= elapsed < 0.6
+    assert elapsed >= 0.3
     assert app.calls == 1
 
 
 async def test_wait_mode_over_max_waiters_is_409_at_once() -> None:
+    # "At once": without waiting at all. With a wait_timeout of LONG_WAIT, a request that waited would
+    # not be answered within HANG_GUARD, and the store saw no third wait.
     gate = asyncio.Event()
     app = Slow(gate)
-    middleware = IdempotencyMiddleware(app, on_conflict="wait", wait_timeout=5, max_waiters=2)
+    counting = CountingStore(MemoryStore())
+    middleware = IdempotencyMiddleware(app, store=counting, on_conflict="wait", wait_timeout=LONG_WAIT, max_waiters=2)
     first = await start_first(middleware, app)
     waiting = [asyncio.create_task(call(middleware, headers=idem("k"))) for _ in range(2)]
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    over = await call(middleware, headers=idem("k"))
-    assert time.monotonic() - started < 0.05
+    await until(lambda: counting.waits == len(waiting), "both waiters to park")
+    over = await asyncio.wait_for(call(middleware, headers=idem("k")), HANG_GUARD)
     assert over.status == 409
     assert problem_type(over).endswith("/key-in-progress")
     assert retry_after(over) >= 1
+    assert counting.waits == len(waiting)
     gate.set()
     await first
     assert [(await task).status for task in waiting] == [200, 200]
     assert middleware.waiting == 0
     assert app.calls == 1
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    async def check() -> bool:
-        return predicate()
-
-    await wait_for(check, timeout=5.0, what=what, interval=0.01)
 
 
 async def test_a_waiter_whose_client_disconnects_frees_its_max_waiters_slot_at_once(store: Store) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from relay_idem import Store
 from relay_idem.store import Claim, Record, StoredResponse
+from tests.apps import HANG_GUARD, LONG_WAIT
 
 pytestmark = pytest.mark.anyio
 
@@ -18,8 +19,11 @@ RESPONSE = StoredResponse(
     ((b"content-type", b"application/json"), (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"x-bin", b"\xff\x00")),
     b'{"id": 1}\x00\xff',
 )
-# How soon after a completion or release a waiter must be woken (SPEC 3.4, 6a).
-WAKE_BOUND = 0.05
+# SPEC 6a asks for the replay within 50 ms of the completion; that is a figure the benchmark measures
+# (python -m benchmarks). Here the property is the event: the waiter is woken by the store's
+# notification, not by looking again. With polling out of the way (`no_polling`: a waiter would look
+# again only after LONG_WAIT), a waiter that returns before then was woken by the notification;
+# HANG_GUARD only stops a test that hangs.
 
 
 def key_of(store: Store, name: str = "k") -> str:
@@ -271,60 +275,60 @@ async def test_begin_on_a_completed_key_does_not_shorten_its_ttl(store: Store) -
     assert info.record.response == RESPONSE
 
 
-async def test_wait_wakes_soon_after_complete(store: Store) -> None:
+async def test_wait_is_woken_by_the_completion(store: Store, no_polling: None) -> None:
     key = key_of(store)
-    claim = await store.begin(key, FINGERPRINT, 10)
+    claim = await store.begin(key, FINGERPRINT, LONG_WAIT)
     assert claim.token is not None
     await ready_to_wait(store)
-    waiter = asyncio.create_task(store.wait(key, time.monotonic(), 5.0))
+    waiter = asyncio.create_task(store.wait(key, time.monotonic(), LONG_WAIT))
     await asyncio.sleep(0.05)
     assert not waiter.done()
-    completed_at = time.monotonic()
     assert await store.complete(key, claim.token, completed(claim), 60)
-    await asyncio.wait_for(waiter, 1.0)
-    assert time.monotonic() - completed_at < WAKE_BOUND
+    # Nothing but the completion's notification ends this wait before LONG_WAIT.
+    await asyncio.wait_for(waiter, HANG_GUARD)
 
 
-async def test_wait_wakes_soon_after_release(store: Store) -> None:
+async def test_wait_is_woken_by_the_release(store: Store, no_polling: None) -> None:
     key = key_of(store)
-    token = await acquire(store, key)
+    token = await acquire(store, key, lock_ttl=LONG_WAIT)
     await ready_to_wait(store)
-    waiter = asyncio.create_task(store.wait(key, time.monotonic(), 5.0))
+    waiter = asyncio.create_task(store.wait(key, time.monotonic(), LONG_WAIT))
     await asyncio.sleep(0.05)
     assert not waiter.done()
-    released_at = time.monotonic()
     assert await store.release(key, token)
-    await asyncio.wait_for(waiter, 1.0)
-    assert time.monotonic() - released_at < WAKE_BOUND
+    await asyncio.wait_for(waiter, HANG_GUARD)
 
 
-async def test_wait_wakes_every_waiter_of_the_key(store: Store) -> None:
+async def test_wait_wakes_every_waiter_of_the_key(store: Store, no_polling: None) -> None:
     key = key_of(store)
-    claim = await store.begin(key, FINGERPRINT, 10)
+    claim = await store.begin(key, FINGERPRINT, LONG_WAIT)
     assert claim.token is not None
     await ready_to_wait(store)
     since = time.monotonic()
-    waiters = [asyncio.create_task(store.wait(key, since, 5.0)) for _ in range(5)]
+    waiters = [asyncio.create_task(store.wait(key, since, LONG_WAIT)) for _ in range(5)]
     await asyncio.sleep(0.05)
-    completed_at = time.monotonic()
+    assert not any(waiter.done() for waiter in waiters)
     assert await store.complete(key, claim.token, completed(claim), 60)
-    await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
-    assert time.monotonic() - completed_at < WAKE_BOUND
+    await asyncio.wait_for(asyncio.gather(*waiters), HANG_GUARD)
 
 
-async def test_wait_is_not_woken_by_another_keys_completion(store: Store) -> None:
+async def test_wait_is_not_woken_by_another_keys_completion(store: Store, no_polling: None) -> None:
     key, other = key_of(store, "a"), key_of(store, "b")
-    await acquire(store, key)
-    other_claim = await store.begin(other, FINGERPRINT, 10)
+    token = await acquire(store, key, lock_ttl=LONG_WAIT)
+    other_claim = await store.begin(other, FINGERPRINT, LONG_WAIT)
     assert other_claim.token is not None
     await ready_to_wait(store)
-    started = time.monotonic()
-    waiter = asyncio.create_task(store.wait(key, started, 0.3))
+    since = time.monotonic()
+    waiter = asyncio.create_task(store.wait(key, since, LONG_WAIT))
+    other_waiter = asyncio.create_task(store.wait(other, since, LONG_WAIT))
     await asyncio.sleep(0.05)
     assert await store.complete(other, other_claim.token, completed(other_claim), 60)
-    await asyncio.sleep(0.05)
+    # Once the other key's waiter has its notification, ours has been passed over by it.
+    await asyncio.wait_for(other_waiter, HANG_GUARD)
+    await asyncio.sleep(0)
     assert not waiter.done()
-    await waiter
+    assert await store.release(key, token)
+    await asyncio.wait_for(waiter, HANG_GUARD)
 
 
 async def test_wait_returns_after_the_timeout_when_nothing_changes(store: Store) -> None:
@@ -332,22 +336,21 @@ async def test_wait_returns_after_the_timeout_when_nothing_changes(store: Store)
     await acquire(store, key)
     await ready_to_wait(store)
     started = time.monotonic()
-    await asyncio.wait_for(store.wait(key, started, 0.2), 1.0)
-    elapsed = time.monotonic() - started
-    assert 0.18 <= elapsed < 0.4
+    await asyncio.wait_for(store.wait(key, started, 0.2), HANG_GUARD)
+    assert time.monotonic() - started >= 0.18
 
 
-async def test_wait_returns_at_once_if_the_key_changed_after_since(store: Store) -> None:
+async def test_wait_returns_at_once_if_the_key_changed_after_since(store: Store, no_polling: None) -> None:
     key = key_of(store)
-    claim = await store.begin(key, FINGERPRINT, 10)
+    claim = await store.begin(key, FINGERPRINT, LONG_WAIT)
     assert claim.token is not None
     await ready_to_wait(store)
     since = time.monotonic()
     assert await store.complete(key, claim.token, completed(claim), 60)
     await asyncio.sleep(0.02)
-    started = time.monotonic()
-    await asyncio.wait_for(store.wait(key, since, 5.0), 1.0)
-    assert time.monotonic() - started < WAKE_BOUND
+    # The change happened before the wait began, so no notification will come: only seeing the change
+    # (not waiting for one) ends this wait before LONG_WAIT.
+    await asyncio.wait_for(store.wait(key, since, LONG_WAIT), HANG_GUARD)
 
 
 async def test_get_of_a_missing_key_is_none(store: Store) -> None:
