@@ -1,8 +1,9 @@
 """The proxy's HTTP/1.1 front: one ``asyncio.Protocol`` per client connection, parsed by llhttp (httptools).
 
 It hands :class:`~relay_idem.proxy.ProxyApp` a minimal ASGI ``http`` scope per request and writes
-its answer back with as few writes as it can (the head is held until the first body message, so a
-whole response usually leaves in one write). Each connection has one timer (``loop.call_at``) that
+its answer back with as few writes as it can (a head that announces a Content-Length waits for its
+body; any other goes at the end of the event-loop step unless a body message takes it along), so a
+whole response usually leaves in one write. Each connection has one timer (``loop.call_at``) that
 serves every deadline below; it wakes at most every ``Limits.tick`` seconds and re-arms itself, so a
 request costs no timer operation at all.
 
@@ -447,9 +448,8 @@ class Connection(asyncio.Protocol):
 
     def start(self, cycle: Cycle) -> None:
         self.current = cycle
-        task = self.loop.create_task(cycle.run())
-        self.front.tasks.add(task)
-        task.add_done_callback(self.front.tasks.discard)
+        cycle.task = task = self.loop.create_task(cycle.run())
+        self.front.tasks.add(task)  # for graceful shutdown; the task takes itself out when it ends
 
     def response_done(self, cycle: Cycle) -> None:
         """The response to ``cycle`` has been written whole: on to the next request, or close."""
@@ -526,6 +526,7 @@ class Cycle:
         "scope",
         "started",
         "status",
+        "task",
         "waiter",
     )
 
@@ -547,6 +548,7 @@ class Cycle:
         self.delimited_by_close = False
         self.remaining = 0
         self.status = 0
+        self.task: asyncio.Task[None] | None = None
 
     @property
     def gone(self) -> bool:
@@ -577,6 +579,9 @@ class Cycle:
             if not self.finished and not self.disconnected:
                 # The forwarder leaves a response unfinished when the upstream broke off mid-body.
                 self.abandon(APP_FAILED)
+        finally:
+            if self.task is not None:
+                connection.front.tasks.discard(self.task)
 
     def abandon(self, answer: bytes) -> None:
         connection = self.connection
@@ -689,7 +694,11 @@ class Cycle:
             parts.append(b"connection: close\r\n")
         parts.append(CRLF)
         self.head = b"".join(parts)
-        self.connection.loop.call_soon(self.flush_head)
+        if self.remaining <= 0:
+            # No body announced, or an unknown length (a stream, whose head must not wait for its
+            # first chunk): the head goes at the end of this step unless a body message takes it.
+            # With a Content-Length, the head waits for the body it announces.
+            self.connection.loop.call_soon(self.flush_head)
 
     def flush_head(self) -> None:
         """The app started its response but sent no body within the same step: the head goes alone."""

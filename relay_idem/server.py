@@ -16,6 +16,7 @@ import asyncio
 import logging
 import logging.config
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 BACKLOG = 2048
 # A worker that dies is restarted, but not faster than this (a worker that cannot start at all).
 RESTART_INTERVAL = 1.0
+# Descriptors a worker needs beside one per client connection: the upstream pool, Redis, files.
+FILE_MARGIN = 1024
 # How often the parent looks at its workers and at the signals it got.
 SUPERVISE_INTERVAL = 0.2
 
@@ -119,9 +122,28 @@ def configure_logging(config: Config) -> None:
     logging.config.dictConfig(log_config(config.log_level))
 
 
+def raise_file_limit(max_connections: int) -> None:
+    """Let the worker open as many descriptors as its connections and their upstream ones need.
+
+    The soft limit is often 1024; it goes up to what the hard limit allows (nginx's
+    ``worker_rlimit_nofile``). Past the limit, accepting fails and the connected are still served.
+    """
+    wanted = max_connections + FILE_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            logger.warning(
+                "relay-idem: %d file descriptors allowed (hard limit); --max-connections %d may need %d",
+                new, max_connections, wanted,
+            )  # fmt: skip
+
+
 def run_worker(config: Config, sock: socket.socket | None = None) -> None:
     """One worker: an uvloop event loop serving the proxy until it is told to stop."""
     configure_logging(config)
+    raise_file_limit(config.max_connections)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(config, sock))
 
