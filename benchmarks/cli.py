@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks"
 QUICK_OUT = DEFAULT_OUT / "logs" / "quick"  # a smoke run must not replace the committed artefacts
 DEFAULTS = {"rounds": 3, "nokey_rounds": NOKEY_MIN_ROUNDS, "duration": 6, "proxy_duration": 5, "warmup": 1,
-            "monitor_requests": 200, "soak_requests": 200_000, "quiet_timeout": 10.0,
+            "monitor_requests": 200, "wake_trials": 20, "soak_requests": 200_000, "quiet_timeout": 10.0,
             "quiet_budget": 120.0}  # fmt: skip
 QUICK = {"rounds": 1, "nokey_rounds": 1, "duration": 1, "proxy_duration": 1, "warmup": 0, "monitor_requests": 20,
-         "soak_requests": 5_000, "quiet_timeout": 0.0, "quiet_budget": 0.0}  # fmt: skip
+         "wake_trials": 3, "soak_requests": 5_000, "quiet_timeout": 0.0, "quiet_budget": 0.0}  # fmt: skip
 # For the duration estimate (seconds, measured on a 2-core VM): starting and stopping the processes and
 # the MONITOR phase of one scenario, and the slowest rate the soak is expected to run at.
 START_STOP_S = {"app": 1.5, "proxy": 2.0, "nginx": 0.3, "per_extra_worker": 1.0}
 MONITOR_S_PER_REQUEST = 0.004
+WAKE_S_PER_TRIAL = 0.2
 SOAK_EXPECTED_RPS = 3_000
 SOAK_SLOWEST_RPS = 500  # bounds the soak: it stops after soak_requests / this many seconds at the latest
 
@@ -66,6 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--storm-burst", type=int, help="storm: requests sharing one key (default: --connections)")
     parser.add_argument("--storm-delay-ms", type=float, default=20.0, help="storm: app work per message (default 20)")
     parser.add_argument("--monitor-requests", type=int, help="requests counted under MONITOR (default 200; quick 20)")
+    parser.add_argument("--wake-trials", type=int, help="wake: trials of a held request and 3 waiting repeats "
+                        "(default 20; quick 3)")  # fmt: skip
     parser.add_argument("--soak-requests", type=int, help="unique-key requests of the proxy soak "
                         "(default 200000; quick 5000)")  # fmt: skip
     parser.add_argument("--quiet-timeout", type=float, help="before each measurement, wait up to this many seconds "
@@ -75,7 +78,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quiet-pct", type=float, default=25.0,
                         help="'quiet' = other processes use less than this %% of one CPU (default 25)")  # fmt: skip
     args = parser.parse_args(argv)
-    for name in ("rounds", "nokey_rounds", "duration", "proxy_duration", "connections", "threads", "soak_requests"):
+    for name in (
+        "rounds",
+        "nokey_rounds",
+        "duration",
+        "proxy_duration",
+        "connections",
+        "threads",
+        "wake_trials",
+        "soak_requests",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -112,6 +124,9 @@ def estimate(settings: Settings) -> tuple[float, float]:
     """(expected, longest) seconds the run takes; the longest counts every quiet wait and a slow soak."""
     expected = longest = 0.0
     for scenario in settings.scenarios:
+        if scenario.mode is Mode.WAKE:
+            expected += settings.rounds * (1.0 + settings.wake_trials * WAKE_S_PER_TRIAL)
+            continue
         fixed = _start_stop(scenario) + settings.warmup + 1.0  # priming, settling, a first quiet-check sample
         if scenario.mode is Mode.SOAK:
             expected += fixed + settings.soak_requests / SOAK_EXPECTED_RPS
@@ -197,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         storm_burst=args.storm_burst or args.connections,
         storm_delay_ms=args.storm_delay_ms,
         monitor_requests=option("monitor_requests"),
+        wake_trials=option("wake_trials"),
         soak_requests=soak_requests,
         soak_limit=max(30, math.ceil(soak_requests / SOAK_SLOWEST_RPS)),
         quiet_pct=args.quiet_pct,

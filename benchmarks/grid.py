@@ -21,6 +21,7 @@ class Mode(enum.StrEnum):
     NOKEY = "nokey"  # no Idempotency-Key header at all
     STORM = "storm"  # bursts of concurrent duplicates of one key, against a slow app
     SOAK = "soak"  # the proxy under a long run of unique keys, its RSS sampled every second
+    WAKE = "wake"  # wait mode: how soon waiting repeats get the replay (in-process, no load)
 
     @property
     def description(self) -> str:
@@ -33,6 +34,7 @@ _MODE_DESCRIPTIONS = {
     Mode.NOKEY: "no key",
     Mode.STORM: "conflict storm (duplicates in flight)",
     Mode.SOAK: "proxy soak (unique keys, RSS over time)",
+    Mode.WAKE: "wait mode: replay after the first request is done",
 }
 
 
@@ -113,7 +115,7 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "relay-idem",
         "benchmarks.apps.relay_idem_middleware:app",
-        MIDDLEWARE_MODES,
+        (*MIDDLEWARE_MODES, Mode.WAKE),
         store="redis",
         requires=("relay_idem",),
     ),
@@ -184,7 +186,7 @@ class Scenario:
     @property
     def baseline(self) -> str | None:
         """The scenario this one's throughput (and, in the proxy group, CPU) is divided by, same round."""
-        if self.mode is Mode.SOAK:
+        if self.mode in (Mode.SOAK, Mode.WAKE):
             return None
         if self.target.fast_upstream:
             base = f"{NGINX_PROXY}-{self.mode}"

@@ -85,7 +85,8 @@ def summarise(scenarios: list[Scenario], records: list[Record]) -> list[Summary]
 
     summaries = []
     for scenario in scenarios:
-        runs = by_scenario.get(scenario.name, [])
+        every = by_scenario.get(scenario.name, [])
+        runs = [r for r in every if "load" in r]  # the wake measurement puts no load on a server
         baseline = by_round.get(scenario.baseline or "", {})
         ours = scenario.target.name == verdicts.PROXY_FAST
         peer = by_round.get(f"{verdicts.ASGIPROXY}-{scenario.mode}", {}) if ours else {}
@@ -103,7 +104,7 @@ def summarise(scenarios: list[Scenario], records: list[Record]) -> list[Summary]
                 "store": scenario.target.store,
                 "baseline": scenario.baseline,
                 "redis_commands_counted": scenario.target.redis_commands,
-                "rounds": len(runs),
+                "rounds": len(every),
                 "rps": _spread([ok_rps(r) for r in runs]),  # 2xx answers per second
                 "ratio": _spread(_per_round(runs, baseline, ok_rps)),
                 "peer_ratio": _spread(_per_round(runs, peer, ok_rps)) if peer else None,
@@ -127,6 +128,7 @@ def summarise(scenarios: list[Scenario], records: list[Record]) -> list[Summary]
                 "cpu_ratio": _spread(_per_round(runs, baseline, _proxy_cpu)) if proxy else None,
                 "storm": _sum_storms(storms) if storms else None,
                 "soak": next((r["soak"] for r in reversed(runs) if "soak" in r), None),
+                "wake": _sum_wakes([r["wake"] for r in every if "wake" in r]),
                 "errors": errors.get(scenario.name, []),
             }
         )
@@ -145,6 +147,19 @@ def _sum_dicts(dicts: list[dict[str, int]]) -> dict[str, int]:
         for key, value in d.items():
             total[key] += value
     return dict(total)
+
+
+def _sum_wakes(wakes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not wakes:
+        return None
+    return {
+        "rounds": len(wakes),
+        "waiters": sum(w["waiters"] for w in wakes),
+        "p50_ms": statistics.median(w["p50_ms"] for w in wakes),
+        "p99_ms": max(w["p99_ms"] for w in wakes),
+        "max_ms": max(w["max_ms"] for w in wakes),
+        "bound_ms": wakes[0]["bound_ms"],
+    }
 
 
 def _sum_storms(storms: list[dict[str, int]]) -> dict[str, int]:
@@ -293,7 +308,7 @@ def _run_section(environment: dict[str, Any], parts: list[dict[str, Any]], recor
 
 
 def _summary_section(summaries: list[Summary], charts: Sequence[str]) -> list[str]:
-    table = [s for s in summaries if s["group"] != Group.PROXY]
+    table = [s for s in summaries if s["group"] != Group.PROXY and s["wake"] is None]
     if not table:
         return []
     targets = list(dict.fromkeys(s["target"] for s in table))
@@ -352,6 +367,8 @@ def _details_section(summaries: list[Summary]) -> list[str]:
              "| executed/req | Redis cmds/req | server CPU µs/req |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in summaries:
+        if s["wake"] is not None:  # no load: its numbers are in the targets table
+            continue
         lines.append(
             "| " + " | ".join([
                 s["scenario"], s["store"], fmt_spread(s["rps"], ",.0f"),

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import redis
 
-from benchmarks import load, monitor, procs
+from benchmarks import load, monitor, procs, wake
 from benchmarks.apps.common import COUNT_URL_ENV, DELAY_ENV, EXECUTIONS_HASH, REDIS_URL_ENV
 from benchmarks.grid import Group, Mode, Scenario
 from benchmarks.load.base import BODY, HEADERS, PATH, LoadSpec, key_for
@@ -45,6 +45,7 @@ class Settings:
     storm_burst: int
     storm_delay_ms: float
     monitor_requests: int
+    wake_trials: int  # wake: trials of a held first request and its waiting repeats, per round
     soak_requests: int  # unique-key requests the soak sends through the proxy
     soak_limit: int  # ... in at most this many seconds
     quiet_pct: float  # before measuring, wait until other processes use less CPU than this (% of one CPU)
@@ -95,6 +96,11 @@ def run_one(
     missing = target.missing()
     if missing:
         raise RuntimeError(f"cannot import {', '.join(missing)} (pip install -r benchmarks/requirements.txt)")
+    if mode is Mode.WAKE:  # in-process, no server and no load
+        with closing(redis.Redis.from_url(redis_url)) as control:
+            control.flushall()
+        record["wake"] = wake.measure(redis_url, settings.wake_trials)
+        return record
     env = {REDIS_URL_ENV: redis_url}
     if mode is Mode.STORM:
         env[COUNT_URL_ENV] = _count_url(redis_url)
@@ -348,6 +354,10 @@ def run_all(settings: Settings, redis_url: str, progress: Progress, results: lis
 
 
 def describe(record: dict[str, Any]) -> str:
+    if "wake" in record:
+        measured = record["wake"]
+        return (f"{measured['waiters']} waiting repeats: replay p50 {measured['p50_ms']:.2f} ms, "
+                f"max {measured['max_ms']:.2f} ms after the first request's answer")  # fmt: skip
     run = record["load"]
     parts = [
         f"{run['ok_rps']:,.0f} 2xx/s",

@@ -56,6 +56,9 @@ def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
     assert sorted(run["scenario"] for run in runs) == sorted(expected)
     for run in runs:
         assert "error" not in run, run
+        if run["mode"] == "wake":  # in-process, no load
+            assert run["wake"]["waiters"] > 0 and 0 < run["wake"]["p50_ms"] <= run["wake"]["max_ms"], run
+            continue
         load = run["load"]
         assert load["requests"] > 0, run
         assert load["rps"] > 0, run
@@ -78,7 +81,7 @@ def assert_numbers(document: dict[str, object], expected: list[str]) -> None:
     out = Path(str(document["settings"]["out_dir"]))  # type: ignore[index]
     markdown = (out / "RESULTS.md").read_text()
     for name in expected:
-        assert f"| {name} |" in markdown
+        assert f"| {name} |" in markdown or name.endswith("-wake")
     # The SPEC §7 targets table comes first, whatever was selected; the See also list comes last.
     assert markdown.index("## SPEC §7 targets") < markdown.index("## The run") < markdown.index("## Details")
     for label, _, verdict in verdicts.target_rows(document["summary"]):  # type: ignore[arg-type]
@@ -104,7 +107,7 @@ def test_quick_run_gives_numbers_for_every_scenario(tmp_path: Path, target: str)
     assert_numbers(document, expected)
     for run in document["runs"]:  # type: ignore[attr-defined]
         assert run["workers"] == (2 if run["scenario"].endswith("-w2") else 1)
-        if chosen.redis_commands and run["mode"] not in ("storm", "soak"):
+        if chosen.redis_commands and run["mode"] not in ("storm", "soak", "wake"):
             assert run["redis_commands"]["requests"] > 0
             assert run["redis_commands"]["non_2xx"] == 0
         if run["scenario"] == "bare":
