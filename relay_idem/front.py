@@ -404,9 +404,12 @@ class Connection(asyncio.Protocol):
         self.timer = self.loop.call_at(deadline, self.on_timer)
 
     def read_timed_out(self) -> None:
-        if self.discarding or self.in_head or self.parsing is None:
-            # Lingering after an answer, idle between requests, or a head that did not come in time.
+        if self.discarding or self.head_started:
+            # Lingering after an answer, or a head that did not come in time: drop the connection.
             self.transport.abort()
+            return
+        if self.in_head or self.parsing is None:
+            self.transport.close()  # idle between requests (or since it opened): an orderly close
             return
         cycle = self.parsing
         if cycle.started:
