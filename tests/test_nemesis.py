@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from benchmarks.nemesis.checker import Execution, check
 from benchmarks.nemesis.client import Attempt, key_for
-from benchmarks.nemesis.faults import Fault
+from benchmarks.nemesis.faults import Fault, Nemesis
 from benchmarks.nemesis.system import LogLine
 from relay_idem.problems import KEY_IN_PROGRESS, STORE_UNAVAILABLE, UPSTREAM_FAILED
 
@@ -104,6 +107,16 @@ def test_every_5xx_is_the_upstreams_own_or_a_documented_problem() -> None:
 
 def test_stuck_records_are_violations() -> None:
     assert judged([], stuck=["nemesis:abc"]) == {"stuck": 1}
+
+
+def test_faults_narrows_the_fault_kinds_to_those_naming_it() -> None:
+    system: Any = SimpleNamespace(sentinel=None, configuration="standalone")
+    everything = Nemesis(system, random.Random(1))
+    redis_only = Nemesis(system, random.Random(1), only="redis")
+    assert set(redis_only.kinds) == {kind for kind in everything.kinds if "redis" in kind.lower()}
+    assert 0 < len(redis_only.kinds) < len(everything.kinds)
+    with pytest.raises(ValueError, match="no fault kind"):
+        Nemesis(system, random.Random(1), only="meteor")
 
 
 @pytest.mark.slow

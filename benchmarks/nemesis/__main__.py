@@ -53,13 +53,13 @@ def drain(system: System) -> list[str]:
 
 
 def run_configuration(
-    configuration: str, seconds: float, seed: int, concurrency: int, directory: Path
+    configuration: str, seconds: float, seed: int, concurrency: int, directory: Path, only: str | None = None
 ) -> tuple[Verdict, Client, list[Fault], float]:
     started = time.monotonic()
     print(f"nemesis: {configuration}: starting Redis, the upstream and 2 proxies", file=sys.stderr, flush=True)
     with running(configuration, directory / configuration) as system:
         client = Client([proxy.url for proxy in system.proxies], seed, concurrency)
-        nemesis = Nemesis(system, random.Random(seed + 1))
+        nemesis = Nemesis(system, random.Random(seed + 1), only)
         faults = threading.Thread(target=nemesis.run, args=(seconds,), name="nemesis", daemon=True)
         print(f"nemesis: {configuration}: traffic and faults for {seconds:.0f} s", file=sys.stderr, flush=True)
         faults.start()
@@ -85,12 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configuration", choices=(*CONFIGURATIONS, "both"), default="both")
     parser.add_argument("--concurrency", type=int, default=16, help="logical requests in flight at once")
     parser.add_argument("--dir", type=Path, default=None, help="where logs and the execution record go")
+    parser.add_argument("--faults", default=None, help="only the fault kinds whose name contains this, e.g. redis")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     directory = args.dir or Path(tempfile.mkdtemp(prefix="relay-idem-nemesis-"))
     configurations = CONFIGURATIONS if args.configuration == "both" else (args.configuration,)
     seconds = args.minutes * 60 / len(configurations)
-    results = [run_configuration(name, seconds, seed, args.concurrency, directory) for name in configurations]
+    results = [
+        run_configuration(name, seconds, seed, args.concurrency, directory, args.faults) for name in configurations
+    ]
     verdicts = [verdict for verdict, _, _, _ in results]
     for verdict in verdicts:
         for invariant, found in verdict.violations.items():

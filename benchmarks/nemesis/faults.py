@@ -36,7 +36,7 @@ class Fault:
 class Nemesis:
     """Starts faults until :meth:`stop`; ``faults`` is the record the checker reads."""
 
-    def __init__(self, system: System, rng: random.Random) -> None:
+    def __init__(self, system: System, rng: random.Random, only: str | None = None) -> None:
         self.system = system
         self.rng = rng
         self.faults: list[Fault] = []
@@ -64,6 +64,10 @@ class Nemesis:
                 "proxy-Redis stalled (relay)": self.stall_relay,
                 "proxy-Redis cut (relay)": self.cut_relay,
             }
+        if only is not None:  # --faults: the kinds whose name contains it
+            self.kinds = {kind: apply for kind, apply in self.kinds.items() if only.lower() in kind.lower()}
+            if not self.kinds:
+                raise ValueError(f"no fault kind of the {system.configuration} configuration contains {only!r}")
 
     def run(self, seconds: float) -> None:
         """Start faults for ``seconds``, then wait for every fault to heal."""
