@@ -23,6 +23,7 @@ What it handles, and how:
 - The upstream's keep-alive timeout is learnt from those closes (the last one counts): a pooled
   connection idle for nearly that long (``KEEP_ALIVE_MARGIN``) is closed rather than reused, since
   the upstream's close could cross our request on the wire — which would make it ambiguous.
+  Before the first such close, a connection idle for ``UNLEARNT_REUSE_LIMIT`` is not reused.
 - Retries (issue 9, item 4): a request is sent on another connection only when it provably never
   reached the upstream: the connection was found closed before any byte was written, or the very
   first write failed at once (the socket refused it: nothing left). Once a byte has left, every
@@ -71,6 +72,10 @@ RECHECK_IDLE_AFTER: Final = 0.05  # seconds
 # A pooled connection is not reused once it has been idle this close to the upstream's keep-alive timeout.
 KEEP_ALIVE_MARGIN: Final = 0.25  # a fraction of that timeout ...
 KEEP_ALIVE_MARGIN_MAX: Final = 1.0  # ... and at most this many seconds
+# Until the upstream has closed an idle connection (and so told us its keep-alive timeout), a pooled
+# connection idle this long is not reused: shorter than the common timeouts (gunicorn 2 s, uvicorn
+# and Node 5 s, nginx 75 s), so even a pool's first keep-alive close cannot cross a request.
+UNLEARNT_REUSE_LIMIT: Final = 1.0
 # A fresh connection closed before our first byte (an upstream shedding load) is tried this often.
 FRESH_ATTEMPTS: Final = 3
 
@@ -359,7 +364,7 @@ class PooledUpstream:
         self.connecting = 0
         # Learnt from the upstream: how long it let the last connection it closed sit idle.
         self.keep_alive_timeout = float("inf")
-        self.reuse_limit = float("inf")
+        self.reuse_limit = UNLEARNT_REUSE_LIMIT
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from relay_idem.upstream import UpstreamBroken, UpstreamError, UpstreamTimeout
-from relay_idem.upstream_pool import HIGH_WATER, PooledUpstream
+from relay_idem.upstream_pool import HIGH_WATER, UNLEARNT_REUSE_LIMIT, PooledUpstream
 from tests.relay_processes import keyed, running_proxy, running_upstream, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -126,6 +126,58 @@ async def test_requests_at_the_upstreams_keep_alive_boundary_are_neither_lost_no
     assert failures == []
     assert counts == [1] * (WORKERS * ROUNDS)
     assert all(KEEP_ALIVE / 2 < timeout < KEEP_ALIVE * 5 for timeout in learnt)
+
+
+GUNICORN_KEEP_ALIVE = 2.0
+
+
+async def test_a_fresh_pool_meets_a_gunicorn_like_keep_alive_boundary_without_failing(
+    client: httpx.AsyncClient,
+) -> None:
+    """The mission's case before anything is learnt: an upstream with gunicorn's 2 s keep-alive,
+    each fresh pool's second request sent 2 s ± 12 ms after its first. No pool has seen a close
+    yet, so only ``UNLEARNT_REUSE_LIMIT`` keeps the request off a connection the upstream is
+    closing at that moment: every request succeeds and reaches the upstream exactly once."""
+    failures: list[str] = []
+    with running_upstream(keep_alive=GUNICORN_KEEP_ALIVE) as url:
+
+        async def worker(number: int) -> None:
+            upstream = PooledUpstream(url, timeout=5)
+            try:
+                for round_number in range(2):
+                    name = f"g{number}-r{round_number}"
+                    try:
+                        status, _ = await fetch(upstream, "POST", f"/echo?id={name}", b"{}")
+                        assert status == 200
+                    except UpstreamError as exc:
+                        failures.append(f"{name}: {exc!r}")
+                    if round_number == 0:
+                        await asyncio.sleep(GUNICORN_KEEP_ALIVE + (number % 25 - 12) / 1000)
+                assert upstream.keep_alive_timeout == float("inf")  # nothing was learnt: the default did it
+            finally:
+                await upstream.close()
+
+        await asyncio.gather(*(worker(number) for number in range(WORKERS)))
+        counts = [
+            (await client.get(f"{url}/calls", params={"id": f"g{n}-r{r}"})).json()["calls"]
+            for n in range(WORKERS)
+            for r in range(2)
+        ]
+    assert failures == []
+    assert counts == [1] * (WORKERS * 2)
+
+
+async def test_a_connection_idle_past_the_unlearnt_limit_is_not_reused() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with server(answering(ok, ok, ok)) as (url, connections):
+        upstream = PooledUpstream(url, timeout=5)
+        try:
+            assert await fetch(upstream) == (200, b"ok")
+            await asyncio.sleep(UNLEARNT_REUSE_LIMIT)
+            assert await fetch(upstream) == (200, b"ok")
+        finally:
+            await upstream.close()
+    assert len(connections) == 2
 
 
 @pytest.mark.slow
