@@ -123,7 +123,7 @@ def test_faults_narrows_the_fault_kinds_to_those_naming_it() -> None:
 def test_a_short_nemesis_run_judges_a_history_and_prints_the_table_last() -> None:
     """Both configurations, 9 s of traffic and faults each; the exit status follows the verdict."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.nemesis", "--minutes", "0.3", "--seed", "12"],
+        [sys.executable, "-m", "benchmarks.nemesis", "--minutes", "0.3", "--seed", "12", "--retry-budget", "15"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from benchmarks.nemesis.checker import Verdict, check, read_executions, table
-from benchmarks.nemesis.client import Client
+from benchmarks.nemesis.client import RETRY_BUDGET, Client
 from benchmarks.nemesis.faults import Fault, Nemesis
 from benchmarks.nemesis.system import CONFIGURATIONS, LOCK_TTL, System, running
 
@@ -53,12 +53,18 @@ def drain(system: System) -> list[str]:
 
 
 def run_configuration(
-    configuration: str, seconds: float, seed: int, concurrency: int, directory: Path, only: str | None = None
+    configuration: str,
+    seconds: float,
+    seed: int,
+    concurrency: int,
+    retry_budget: float,
+    directory: Path,
+    only: str | None = None,
 ) -> tuple[Verdict, Client, list[Fault], float]:
     started = time.monotonic()
     print(f"nemesis: {configuration}: starting Redis, the upstream and 2 proxies", file=sys.stderr, flush=True)
     with running(configuration, directory / configuration) as system:
-        client = Client([proxy.url for proxy in system.proxies], seed, concurrency)
+        client = Client([proxy.url for proxy in system.proxies], seed, concurrency, retry_budget)
         nemesis = Nemesis(system, random.Random(seed + 1), only)
         faults = threading.Thread(target=nemesis.run, args=(seconds,), name="nemesis", daemon=True)
         print(f"nemesis: {configuration}: traffic and faults for {seconds:.0f} s", file=sys.stderr, flush=True)
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the faults and the client (default: random)")
     parser.add_argument("--configuration", choices=(*CONFIGURATIONS, "both"), default="both")
     parser.add_argument("--concurrency", type=int, default=16, help="logical requests in flight at once")
+    parser.add_argument("--retry-budget", type=float, default=RETRY_BUDGET, help="seconds each request is retried")
     parser.add_argument("--dir", type=Path, default=None, help="where logs and the execution record go")
     parser.add_argument("--faults", default=None, help="only the fault kinds whose name contains this, e.g. redis")
     args = parser.parse_args(argv)
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     configurations = CONFIGURATIONS if args.configuration == "both" else (args.configuration,)
     seconds = args.minutes * 60 / len(configurations)
     results = [
-        run_configuration(name, seconds, seed, args.concurrency, directory, args.faults) for name in configurations
+        run_configuration(name, seconds, seed, args.concurrency, args.retry_budget, directory, args.faults)
+        for name in configurations
     ]
     verdicts = [verdict for verdict, _, _, _ in results]
     for verdict in verdicts:
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"VIOLATION [{verdict.configuration}] {invariant}: {violation}")
             if len(found) > 20:
                 print(f"VIOLATION [{verdict.configuration}] {invariant}: ... and {len(found) - 20} more")
-    print(f"\nnemesis --minutes {args.minutes:g} --seed {seed}; logs and executions in {directory}\n")
+    command = f"nemesis --minutes {args.minutes:g} --seed {seed} --retry-budget {args.retry_budget:g}"
+    print(f"\n{command}; logs and executions in {directory}\n")
     print(table(verdicts, [r[1] for r in results], [r[2] for r in results], [r[3] for r in results]))
     return 0 if all(verdict.ok for verdict in verdicts) else 1
 

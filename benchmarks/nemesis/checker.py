@@ -203,7 +203,7 @@ def table(verdicts: list[Verdict], clients: list[Client], faults: list[list[Faul
         rows.append((label, [str(sum(1 for a in c.history if test(a))) for c in clients]))
     for kind in sorted({t for v in verdicts for t in v.answer_types}):
         rows.append((f"  5xx {kind}", [str(v.answer_types[kind]) for v in verdicts]))
-    rows.append(("gave up after 60 s of retries", [str(len(c.gave_up)) for c in clients]))
+    rows.append((f"gave up after {clients[0].retry_budget:g} s of retries", [str(len(c.gave_up)) for c in clients]))
     for kind in sorted({t for v in verdicts for t in v.final_types}):
         rows.append((f"  last answer {kind}", [str(v.final_types[kind]) for v in verdicts]))
     rows.append(("  of those, 502/504 the upstream never ran", [str(len(v.unexecuted_final)) for v in verdicts]))

@@ -3,10 +3,10 @@
 The retry policy is the Stripe SDK's: retry on a connection error or timeout, 409, 429 and every
 5xx, with exponential backoff and jitter (0.5 s doubling up to 5 s here, as stripe-python), a
 ``Retry-After`` honoured up to that cap, the same key and body every time. Each logical request
-keeps trying for ``RETRY_BUDGET`` seconds. After its first 2xx, some logical requests repeat
-once or twice more later (a client that did not see the answer, a redelivered job), and some
-start with two attempts at once (a double submit): their answers are what the checker compares
-with that first 2xx. Every attempt and every answer is recorded.
+keeps trying for ``retry_budget`` seconds (``RETRY_BUDGET`` by default). After its first 2xx,
+some logical requests repeat once or twice more later (a client that did not see the answer, a
+redelivered job), and some start with two attempts at once (a double submit): their answers are
+what the checker compares with that first 2xx. Every attempt and every answer is recorded.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def backoff(retries: int, attempt: Attempt, rng: random.Random) -> float:
 class Client:
     """``concurrency`` logical requests in flight at once, against the proxies chosen at random."""
 
-    def __init__(self, proxies: list[str], seed: int, concurrency: int) -> None:
+    def __init__(self, proxies: list[str], seed: int, concurrency: int, retry_budget: float = RETRY_BUDGET) -> None:
         self.proxies = proxies
+        self.retry_budget = retry_budget
         self.seed = seed
         self.rng = random.Random(seed)
         self.concurrency = concurrency
@@ -111,7 +112,7 @@ class Client:
     async def logical_request(self, index: int) -> None:
         key = key_for(index, self.seed)
         body = json.dumps({"to": f"+55119{index:08d}", "template": "nemesis", "n": index}).encode()
-        deadline = time.monotonic() + RETRY_BUDGET
+        deadline = time.monotonic() + self.retry_budget
         if self.rng.random() < DOUBLE_SUBMIT_SHARE:
             answers = await asyncio.gather(
                 self.until_answered(key, body, "first", deadline), self.until_answered(key, body, "double", deadline)
@@ -125,7 +126,7 @@ class Client:
         if answer.status is not None and 200 <= answer.status < 300 and self.rng.random() < REPEAT_SHARE:
             for _ in range(self.rng.randint(1, 2)):
                 await asyncio.sleep(self.rng.uniform(0, 3))
-                if await self.until_answered(key, body, "repeat", time.monotonic() + RETRY_BUDGET) is None:
+                if await self.until_answered(key, body, "repeat", time.monotonic() + self.retry_budget) is None:
                     self.gave_up.append(key)
 
     async def run(self, seconds: float) -> None:
