@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from benchmarks.nemesis.system import LOCK_TTL, System
@@ -41,6 +41,10 @@ class Nemesis:
         self.rng = rng
         self.faults: list[Fault] = []
         self.redis_lock = threading.Lock()
+        # One fault at a time per target: two overlapping upstream kills would start two upstreams
+        # (the second one's port taken), two stalls of one relay would end each other early.
+        self.busy: set[str] = set()
+        self.busy_lock = threading.Lock()
         self.running: list[threading.Thread] = []
         self.stopping = threading.Event()
         self.kinds: dict[str, Callable[[Fault], None]] = {
@@ -93,6 +97,19 @@ class Nemesis:
         finally:
             fault.ended = time.time()
 
+    @contextlib.contextmanager
+    def exclusive(self, target: str) -> Iterator[None]:
+        """Hold ``target`` for the fault; a fault on a target already held is not applicable."""
+        with self.busy_lock:
+            if target in self.busy:
+                raise RuntimeError(f"{target} is already under another fault")
+            self.busy.add(target)
+        try:
+            yield
+        finally:
+            with self.busy_lock:
+                self.busy.discard(target)
+
     def pick_worker(self, fault: Fault) -> int:
         index = self.rng.randrange(len(self.system.proxies))
         workers = self.system.proxies[index].workers()
@@ -110,19 +127,21 @@ class Nemesis:
         pid = self.pick_worker(fault)
         seconds = self.rng.uniform(0.3, 2 * LOCK_TTL)
         fault.detail += f" for {seconds:.1f} s"
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            time.sleep(seconds)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        with self.exclusive(f"worker {pid}"):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(seconds)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def kill_upstream(self, fault: Fault) -> None:
         seconds = self.rng.uniform(0.2, 3.0)
         fault.detail = f"down {seconds:.1f} s"
-        self.system.upstream.kill()
-        time.sleep(seconds)
-        self.system.upstream.start()
+        with self.exclusive("upstream"):
+            self.system.upstream.kill()
+            time.sleep(seconds)
+            self.system.upstream.start()
 
     def cut_upstream(self, fault: Fault) -> None:
         index = self.rng.randrange(len(self.system.upstream_relays))
@@ -134,9 +153,10 @@ class Nemesis:
         relay = self.system.upstream_relays[index]
         seconds = self.rng.uniform(0.5, 7.0)  # past --upstream-timeout (5 s) at times: a 504
         fault.detail = f"proxy{index}, replies held {seconds:.1f} s"
-        relay.delay_s = seconds
-        time.sleep(seconds)
-        relay.delay_s = 0.0
+        with self.exclusive(f"upstream relay {index}"):
+            relay.delay_s = seconds
+            time.sleep(seconds)
+            relay.delay_s = 0.0
 
     # --- sentinel configuration -----------------------------------------------------------------
 

@@ -76,6 +76,8 @@ class Upstream:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("the upstream is already running")
         args = [sys.executable, "-m", "benchmarks.nemesis.upstream", "--ports", ",".join(map(str, self.ports))]
         self.process = subprocess.Popen(
             [*args, "--log", str(self.log)], start_new_session=True, stdout=subprocess.DEVNULL
