@@ -288,6 +288,32 @@ async def test_a_stalled_body_is_408_and_its_key_is_free_for_the_retry(
 
 
 @pytest.mark.slow
+async def test_a_body_that_keeps_coming_slower_than_the_body_timeout_in_total_is_served(
+    proxy: tuple[str, int], upstream: str, client: httpx.AsyncClient
+) -> None:
+    """The body timeout bounds each gap between reads, not the whole body."""
+    url, _ = proxy
+    name, key = new_id(), new_id()
+    reader, writer = await open_connection(url)
+    head = (
+        f"POST /echo?id={name} HTTP/1.1\r\nHost: proxy\r\nIdempotency-Key: {key}\r\n"
+        f"Content-Length: {len(MESSAGE)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode())
+    began = time.monotonic()
+    pieces = [MESSAGE[start : start + 16] for start in range(0, len(MESSAGE), 16)]
+    for piece in pieces:
+        await asyncio.sleep(BODY_TIMEOUT / 2)
+        writer.write(piece)
+    response = await asyncio.wait_for(reader.read(-1), timeout=15)
+    writer.close()
+    assert time.monotonic() - began > BODY_TIMEOUT * 2  # longer in total than the timeout
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    assert json.loads(head_and_body(response)[1])["body_size"] == len(MESSAGE)
+    assert (await calls(client, upstream, name))["calls"] == 1
+
+
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_is_cut_off_and_its_record_is_completed(
     proxy: tuple[str, int], upstream: str, client: httpx.AsyncClient
 ) -> None:
