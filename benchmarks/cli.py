@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks import charts, envinfo, grid, load, procs, report
+from benchmarks import charts, envinfo, grid, load, procs, report, scale_report
 from benchmarks.grid import Group, Mode, Server
 from benchmarks.runner import Settings, plan, rounds_of, run_all
 from benchmarks.verdicts import NOKEY_MIN_ROUNDS
@@ -106,8 +106,12 @@ def write_reports(out: Path, document: dict[str, Any], summaries: list[dict[str,
     written = [out / "RESULTS.md", *pictures]
     if out.resolve() == DEFAULT_OUT.resolve():
         readme = REPO / "README.md"
-        readme.write_text(report.replace_block(readme.read_text(), report.readme_block(document, summaries)))
+        readme.write_text(report.rewrite_readme(readme.read_text(), document, summaries))
         written.append(readme)
+        scale = scale_report.load()
+        if scale:
+            (scale_report.HERE / "RESULTS.md").write_text(scale_report.markdown(scale))
+            written.append(scale_report.HERE / "RESULTS.md")
     return written
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import verdicts
+from benchmarks import scale_report, verdicts
 from benchmarks.grid import TARGETS, Group, Mode, Scenario, all_scenarios, describe_kind, kind_order
 from benchmarks.verdicts import fmt_spread
 
@@ -28,7 +28,10 @@ REPO = HERE.parent
 README = REPO / "README.md"
 README_BEGIN = "<!-- benchmark-table:begin (python -m benchmarks.report --readme) -->"
 README_END = "<!-- benchmark-table:end -->"
-SEE_ALSO = (("clients/RESULTS.md", "which Redis client the store's hot path uses (measured side by side)"),)
+SEE_ALSO = (
+    ("clients/RESULTS.md", "which Redis client the store's hot path uses (measured side by side)"),
+    ("scale/RESULTS.md", "Redis at scale: CPU and memory per record, writes lost in a failover, fault figures"),
+)
 
 
 def _spread(values: list[float]) -> dict[str, float] | None:
@@ -487,12 +490,20 @@ def readme_block(document: dict[str, Any], summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with the marked benchmark block replaced by ``block``; ValueError without the markers."""
-    start, end = text.find(README_BEGIN), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"README.md has no {README_BEGIN} ... {README_END} block")
-    return text[:start] + block + text[end + len(README_END) :]
+def replace_block(text: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
+    """``text`` with the block between ``begin`` and ``end`` (markers included) replaced by ``block``, which
+    starts and ends with them; ValueError without the markers."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"README.md has no {begin} ... {end} block")
+    return text[:start] + block + text[stop + len(end) :]
+
+
+def rewrite_readme(text: str, document: dict[str, Any], summaries: list[Summary]) -> str:
+    """README.md's text with its benchmark table and its scale figures rendered from the committed results."""
+    text = replace_block(text, readme_block(document, summaries))
+    scale = scale_report.readme_block(scale_report.load())
+    return replace_block(text, scale, scale_report.README_BEGIN, scale_report.README_END)
 
 
 def load(out: Path) -> tuple[dict[str, Any], list[Summary]]:
@@ -508,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=HERE, help="where results.json is (default benchmarks/)")
     args = parser.parse_args(argv)
     document, summaries = load(args.dir)
-    block = readme_block(document, summaries)
+    readme = README.read_text()
     if args.check:
         from benchmarks import charts
 
@@ -516,14 +527,17 @@ def main(argv: list[str] | None = None) -> int:
         expected = markdown(document, summaries, charts.chart_names(summaries), args.dir)
         if (args.dir / "RESULTS.md").read_text() != expected:
             stale.append(str(args.dir / "RESULTS.md"))
-        if block not in README.read_text():
+        scale = scale_report.HERE / "RESULTS.md"
+        if scale.is_file() and scale.read_text() != scale_report.markdown(scale_report.load()):
+            stale.append(str(scale))
+        if rewrite_readme(readme, document, summaries) != readme:
             stale.append(str(README))
         for path in stale:
-            print(f"{path} is not what {args.dir / 'results.json'} renders to (python -m benchmarks --render)")
+            print(f"{path} is not what the committed results.json renders to (python -m benchmarks --render)")
         return 1 if stale else 0
     if args.readme:
-        README.write_text(replace_block(README.read_text(), block))
-        print(f"wrote the benchmark table of {README}")
+        README.write_text(rewrite_readme(readme, document, summaries))
+        print(f"wrote the benchmark table and the scale figures of {README}")
         return 0
     parser.print_usage(sys.stderr)
     return 2

@@ -1,6 +1,10 @@
 """What one keyed request costs Redis, for the README's "Running at scale" section.
 
-    .venv/bin/python scripts/measure_scale.py [--seconds 8]
+    .venv/bin/python scripts/measure_scale.py [--seconds 8] [--failover [--replicas N]] [--faults] [--out DIR]
+
+Writes DIR/results.json and DIR/RESULTS.md (DIR: benchmarks/scale/, committed) and, with the default
+DIR, the README's scale figures; a part not measured this time keeps what the last run that measured
+it wrote (failovers are kept per number of replicas).
 
 On a private redis-server (free port, nothing saved):
 
@@ -16,6 +20,8 @@ On a private redis-server (free port, nothing saved):
    one replica — ``--replicas N`` for more — three sentinels) that are missing once it is over,
    with ``min_replicas`` from 0 to the number of replicas, and how long ``min_replicas=1`` answered store errors.
    ``--failover-only`` skips 1 and 2.
+4. With ``--faults``: the fault tests that print what they measured (slow Redis, Redis restarted, a
+   proxy SIGKILLed holding a claim), run with ``pytest -s``; their figures and the bounds they enforce.
 """
 
 from __future__ import annotations
@@ -24,22 +30,37 @@ import argparse
 import asyncio
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import envinfo, report, scale_report  # noqa: E402
 from relay_idem import IdempotencyMiddleware, RedisStore  # noqa: E402
 from relay_idem.exceptions import StoreUnavailable  # noqa: E402
 from relay_idem.store.base import Record, StoredResponse  # noqa: E402
 from tests.redis_servers import RedisSentinel, RedisServer, start_sentinel, start_standalone  # noqa: E402
 from tests.relay_processes import running_proxy, running_upstream  # noqa: E402
+from tests.test_faults_redis import FAIL_FAST_LIMIT  # noqa: E402
+from tests.test_faults_workers import LOCK_TTL  # noqa: E402
+
+# The fault tests whose printed figures --faults records: (test, pattern of the printed line, field).
+FAULT_TESTS = (
+    ("tests/test_faults_redis.py::test_slow_redis_fails_fast_and_never_hangs",
+     r"answered 503 within ([\d.]+) s", "slow_redis_503_within_s"),
+    ("tests/test_faults_redis.py::test_redis_killed_and_restarted_under_the_proxy",
+     r"keyed requests served again ([\d.]+) s", "restart_recovery_s"),
+    ("tests/test_faults_workers.py::test_a_worker_killed_while_holding_a_claim_frees_the_key_after_lock_ttl",
+     r"the key was free again ([\d.]+) s", "sigkill_key_free_after_s"),
+)  # fmt: skip
 
 BODY = json.dumps(
     {
@@ -71,6 +92,7 @@ async def bytes_per_record(server: RedisServer) -> dict[str, float]:
         assert claim.acquired
         in_progress = int(server.execute("MEMORY", "USAGE", "size:claim", "SAMPLES", "0"))
         before = int(server.execute("INFO", "memory")["used_memory"])
+        keys_before = int(server.execute("DBSIZE"))
         count = 10_000
         for start in range(0, count, 500):
             await asyncio.gather(
@@ -80,8 +102,10 @@ async def bytes_per_record(server: RedisServer) -> dict[str, float]:
                 )
             )
         after = int(server.execute("INFO", "memory")["used_memory"])
+        stored = int(server.execute("DBSIZE")) - keys_before  # a request the store timed out on stored nothing
     await store.close()
-    return {"memory_usage": one, "in_progress": in_progress, "used_memory_per_record": (after - before) / count}
+    return {"memory_usage": one, "in_progress": in_progress, "records": stored,
+            "used_memory_per_record": (after - before) / stored}  # fmt: skip
 
 
 def redis_cpu(server: RedisServer) -> float:
@@ -169,28 +193,70 @@ async def failovers(replicas: int = 1) -> dict[str, dict[str, float]]:
         return {f"min_replicas={n}": await failover_losses(topology, n) for n in range(replicas + 1)}
 
 
+def faults() -> dict[str, float]:
+    """Run the fault tests that print their figures; the figures and the bounds the tests enforce."""
+    found: dict[str, float] = {"slow_redis_bound_s": FAIL_FAST_LIMIT, "lock_ttl_s": LOCK_TTL,
+                               "sigkill_bound_s": LOCK_TTL + 1.0}  # fmt: skip
+    tests = [test for test, _, _ in FAULT_TESTS]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    if done.returncode != 0:
+        sys.exit(f"the fault tests failed:\n{done.stdout[-3000:]}")
+    for _, pattern, field in FAULT_TESTS:
+        match = re.search(pattern, done.stdout)
+        if match is None:
+            sys.exit(f"no line matching {pattern!r} in the fault tests' output")
+        found[field] = float(match.group(1))
+    return found
+
+
+def write(out: Path, measured: dict[str, Any], command: str) -> None:
+    """Merge ``measured`` into OUT/results.json (each part stamped with this run), write RESULTS.md, and the
+    README's scale figures when OUT is benchmarks/scale/."""
+    stamp = {k: v for k, v in envinfo.collect(ROOT, command).items() if k in ("date", "git", "command")}
+    out.mkdir(parents=True, exist_ok=True)
+    document = scale_report.load(out)
+    for part, values in measured.items():
+        if part == "failover":  # one entry per number of replicas
+            document.setdefault("failover", {}).update({name: {**stamp, **v} for name, v in values.items()})
+        else:
+            document[part] = {**stamp, **values}
+    (out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out / "RESULTS.md").write_text(scale_report.markdown(document))
+    print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
+    if out.resolve() == scale_report.HERE.resolve():
+        text = report.README.read_text()
+        block = scale_report.readme_block(document)
+        report.README.write_text(report.replace_block(text, block, scale_report.README_BEGIN, scale_report.README_END))
+        print(f"wrote the scale figures of {report.README}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--failover", action="store_true", help="also measure a forced Sentinel failover (~45 s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of the primary for --failover")
     parser.add_argument("--failover-only", action="store_true", help="only the failover measurement")
+    parser.add_argument("--faults", action="store_true", help="also run the fault tests that print figures (~30 s)")
+    parser.add_argument("--out", type=Path, default=scale_report.HERE, help="where results.json and RESULTS.md go")
     options = parser.parse_args()
-    if options.failover_only:
-        print(json.dumps({"failover": asyncio.run(failovers(options.replicas))}, indent=2))
-        return
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed")
-    with start_standalone() as server:
-        sizes = asyncio.run(bytes_per_record(server))
-        print(json.dumps({"bytes": sizes}, indent=2))
-        cost = redis_cost(server, options.seconds)
-        print(json.dumps({"cost": cost}, indent=2))
-        for mode, numbers in cost.items():
-            ratio = numbers["requests_per_redis_core"] / numbers["requests_per_second"]
-            print(f"{mode}: one Redis core keeps up with ~{ratio:.0f} proxy workers like this one")
-    if options.failover:
-        print(json.dumps({"failover": asyncio.run(failovers())}, indent=2))
+    measured: dict[str, Any] = {}
+    if not options.failover_only:
+        if shutil.which("wrk") is None:
+            sys.exit("wrk is not installed")
+        with start_standalone() as server:
+            measured["bytes"] = asyncio.run(bytes_per_record(server))
+            print(json.dumps({"bytes": measured["bytes"]}, indent=2))
+            measured["cost"] = redis_cost(server, options.seconds)
+            print(json.dumps({"cost": measured["cost"]}, indent=2))
+    if options.failover or options.failover_only:
+        runs = asyncio.run(failovers(options.replicas))
+        measured["failover"] = {f"replicas={options.replicas}": runs}
+        print(json.dumps({"failover": runs}, indent=2))
+    if options.faults:
+        measured["faults"] = faults()
+        print(json.dumps({"faults": measured["faults"]}, indent=2))
+    write(options.out, measured, "python scripts/measure_scale.py " + shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

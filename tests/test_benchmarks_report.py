@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import charts, cli, report, verdicts
+from benchmarks import charts, cli, report, scale_report, verdicts
 
 BENCHMARKS = report.HERE
 
@@ -22,7 +22,13 @@ def test_committed_results_md_and_readme_table_are_what_results_json_renders_to(
     document, summaries = report.load(BENCHMARKS)
     expected = report.markdown(document, summaries, charts.chart_names(summaries), BENCHMARKS)
     assert (BENCHMARKS / "RESULTS.md").read_text() == expected
-    assert report.readme_block(document, summaries) in report.README.read_text()
+    readme = report.README.read_text()
+    assert report.rewrite_readme(readme, document, summaries) == readme
+    # The same for scripts/measure_scale.py's results and the README's scale figures.
+    scale = scale_report.load()
+    assert scale, "benchmarks/scale/results.json is missing"
+    assert (scale_report.HERE / "RESULTS.md").read_text() == scale_report.markdown(scale)
+    assert scale_report.readme_block(scale) in readme
 
 
 def record(scenario: str, round_no: int, ok: int, bad: int = 0, seconds: float = 1.0, **extra: Any) -> dict[str, Any]:
