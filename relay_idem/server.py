@@ -163,6 +163,15 @@ def start_worker(sock: socket.socket) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "relay_idem.server", str(fd)], pass_fds=(fd,))
 
 
+def forget_metrics_of(pid: int) -> None:
+    """Drop a dead worker's live gauges (relay_idem_pending_writes), so /_relay/metrics sums live workers only."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
 def run_workers(config: Config) -> None:
     """The parent of ``--workers N``: binds, starts and supervises the workers, forwards SIGTERM/SIGINT."""
     configure_logging(config)
@@ -187,6 +196,7 @@ def run_workers(config: Config) -> None:
             for index, worker in enumerate(workers):
                 if worker.poll() is not None:
                     logger.warning("relay-idem: worker %d exited with %s; restarting it", worker.pid, worker.returncode)
+                    forget_metrics_of(worker.pid)
                     time.sleep(RESTART_INTERVAL)
                     if not stopping:
                         workers[index] = start_worker(sock)

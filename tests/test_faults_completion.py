@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -279,3 +281,40 @@ async def test_sigterm_waits_for_pending_writes_then_exits(
     assert stored is not None and stored.record.response is not None
     assert stored.record.response.body == responses[stays].content  # written before that proxy exited
     assert given_up is None or given_up.record.response is None
+
+
+def children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+async def test_a_killed_worker_no_longer_counts_in_the_pending_writes_gauge(
+    server: RedisServer, upstream: str, client: httpx.AsyncClient
+) -> None:
+    """The gauge sums the live workers: a worker SIGKILLed with a write pending loses it (its claim runs
+    out after lock_ttl), and once the proxy has replaced it, it counts no more."""
+    with running_proxy(upstream, "--redis", server.url, "--prefix", new_id(), "--workers", "2") as (proxy, process):
+        name = new_id()
+        request = asyncio.create_task(
+            client.post(f"{proxy}/work", params={"id": name, "seconds": "1"}, content=MESSAGE, headers=keyed(new_id()))
+        )
+
+        async def started() -> bool:
+            return (await client.get(f"{upstream}/calls", params={"id": name})).json()["started"] == 1
+
+        await wait_for(started, timeout=HANG_GUARD, what="the upstream call")
+        server.kill()
+        assert (await request).status_code == 200
+        assert metric((await client.get(f"{proxy}/_relay/metrics")).text, "relay_idem_pending_writes") == 1
+        workers = children(process.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+
+        async def replaced_and_counted_no_more() -> bool:
+            try:
+                text = (await client.get(f"{proxy}/_relay/metrics")).text
+            except httpx.TransportError:
+                return False
+            return not set(children(process.pid)) & set(workers) and metric(text, "relay_idem_pending_writes") == 0
+
+        await wait_for(replaced_and_counted_no_more, timeout=HANG_GUARD, what="the workers to be replaced")
