@@ -413,8 +413,10 @@ class Connection(asyncio.Protocol):
             return
         cycle = self.parsing
         if cycle.started:
+            # Too late for a 408: cut the connection (abort: a close would wait for the client to
+            # read what is buffered, and no timer is left to end that wait).
             cycle.disconnect()
-            self.transport.close()
+            self.transport.abort()
             return
         logger.info("relay-idem: request body from %s stalled for %s s; 408", self.client, self.limits.body_timeout)
         cycle.disconnect()
