@@ -229,7 +229,7 @@ async def test_slow_heads_are_dropped_after_the_header_timeout_while_others_are_
         assert served < 400, "the slow heads were not dropped"  # ~40 s: a hang guard, not a timing claim
     lifetimes = [task.result() for task in slow]
     assert min(lifetimes) >= HEADER_TIMEOUT - 0.05  # none cut off early
-    assert served >= 5  # normal requests went through while the slow heads were open
+    assert served >= 2  # normal requests went through while the slow heads were open (each one 200)
 
 
 @pytest.mark.slow
@@ -301,9 +301,9 @@ async def test_a_body_that_keeps_coming_slower_than_the_body_timeout_in_total_is
     )
     writer.write(head.encode())
     began = time.monotonic()
-    pieces = [MESSAGE[start : start + 16] for start in range(0, len(MESSAGE), 16)]
+    pieces = [MESSAGE[start : start + 6] for start in range(0, len(MESSAGE), 6)]
     for piece in pieces:
-        await asyncio.sleep(BODY_TIMEOUT / 2)
+        await asyncio.sleep(BODY_TIMEOUT / 5)  # gaps well inside the timeout, even on a loaded machine
         writer.write(piece)
     response = await asyncio.wait_for(reader.read(-1), timeout=15)
     writer.close()
