@@ -203,15 +203,16 @@ async def test_every_outcome_counts_once_through_the_traced_wrappers(exporter: I
 # whether any OpenTelemetry module was imported.
 PROBE = """
 import asyncio, sys
-from prometheus_client.metrics import Counter as PrometheusCounter
 from relay_idem import IdempotencyMiddleware, metrics
+from relay_idem.tracing import TracedOutcome, TracedStoreTime
 from tests.apps import Counter, call, idem
 
 async def main():
     middleware = IdempotencyMiddleware(Counter())
     await call(middleware)
     await call(middleware, headers=idem("k"))
-    plain = all(type(count) is PrometheusCounter for count in metrics.OUTCOME.values())
+    wrapped = [*metrics.OUTCOME.values(), *metrics.STORE_TIME.values()]
+    plain = not any(isinstance(metric, (TracedOutcome, TracedStoreTime)) for metric in wrapped)
     imported = sorted(name for name, module in sys.modules.items() if module and name.split(".")[0] == "opentelemetry")
     print("plain" if plain else "traced", imported[:1])
 
