@@ -72,7 +72,8 @@ class Execution:
         return {**scope, "extensions": extensions}
 
     async def run(self) -> None:
-        self.lease.start()
+        self.loop = asyncio.get_running_loop()
+        self.lease.start(self.loop)
         try:
             await self.middleware.app(self.app_scope(), self.request.receive_replayed(), self.send_recording)
         except BaseException:
@@ -91,7 +92,7 @@ class Execution:
         elif message["type"] == "http.response.body":
             self.copy(message.get("body", b""))
             if not message.get("more_body", False):
-                self.last_message = asyncio.ensure_future(self.finish_then_send(message))
+                self.last_message = self.loop.create_task(self.finish_then_send(message))
                 return
         await self.forward(message)
 

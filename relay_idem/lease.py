@@ -37,8 +37,9 @@ class Lease:
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self.timer = asyncio.get_running_loop().call_later(self.lock_ttl / 3, self.start_renewing)
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the running loop, if the caller has it (each look-up is a ``getpid`` call on Python 3.11)."""
+        self.timer = (loop or asyncio.get_running_loop()).call_later(self.lock_ttl / 3, self.start_renewing)
 
     def start_renewing(self) -> None:
         self.task = asyncio.create_task(self.renew())

@@ -8,10 +8,36 @@ owner token, so a finisher that lost its lease can never overwrite a newer owner
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 Headers = tuple[tuple[bytes, bytes], ...]
+
+
+class _OwnerTokens:
+    """Owner tokens: a random prefix per process and a counter, so a claim costs no ``getrandom``
+    system call (``secrets.token_hex`` makes one per call).
+
+    A token only has to differ from every other owner's (fencing, SPEC §3.2); 64 random bits per
+    process and a counter never repeat. A forked child draws a prefix of its own.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+owner_token = _OwnerTokens()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import secrets
 import time
 from dataclasses import dataclass
 
-from relay_idem.store.base import Claim, Record, RecordInfo
+from relay_idem.store.base import Claim, Record, RecordInfo, owner_token
 from relay_idem.store.changes import RecentChanges
 
 
@@ -66,7 +65,7 @@ class MemoryStore:
         entry = self._live(key, now)
         if entry is not None:
             return Claim(entry.record)
-        token = secrets.token_hex(16)
+        token = owner_token()
         record = Record(fingerprint, time.time())
         self._put(key, _Entry(record, now + lock_ttl, token))
         return Claim(record, token)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisClusterException, RedisError
 
 from relay_idem.exceptions import StoreUnavailable
-from relay_idem.store.base import Claim, Record, RecordInfo
+from relay_idem.store.base import Claim, Record, RecordInfo, owner_token
 from relay_idem.store.codec import decode_record, encode_record
 from relay_idem.store.multiplexed import Arg, MultiplexedRedis, ResponseError
 from relay_idem.store.notifier import Notifier
@@ -268,7 +267,7 @@ class RedisStore:
             raise store_unavailable(exc) from exc
 
     async def begin(self, key: str, fingerprint: bytes, lock_ttl: float) -> Claim:
-        token = secrets.token_hex(16)
+        token = owner_token()
         record = Record(fingerprint, time.time())
         args = (encode_record(record), token, _milliseconds(lock_ttl))
         try:
