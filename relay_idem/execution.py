@@ -171,7 +171,7 @@ class Execution:
             self.retry_later(record, exc)
             return
         STORE_TIME["complete"].observe(time.perf_counter() - started)
-        completion_counted(stored, self.key_hint)
+        completion_counted(stored, self.lease.key_hint)  # the property would slice the key on every request
 
     async def release(self) -> None:
         OUTCOME["not_stored"].inc()
