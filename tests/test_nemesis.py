@@ -78,6 +78,15 @@ def test_a_duplicate_is_explained_by_a_store_failure_logged_for_its_key_unless_m
     assert judged(history, executions, logs=logs, min_replicas=1) == {"executed once": 1, "replay": 1}
 
 
+def test_the_first_owners_refused_write_logged_after_the_second_run_explains_it() -> None:
+    """Seen in a 10-minute run: Redis was down longer than lock_ttl while the first owner retried its
+    outcome write; a retry claimed the expired key and ran; then the first owner's write was refused."""
+    executions = [Execution(KEY, 3.0, 0, 201), Execution(KEY, 6.5, 0, 201)]
+    line = f"WARNING: relay-idem: lease lost; a newer owner holds the key, outcome not stored (key {KEY[:4]}…)"
+    assert judged([], executions, logs=[LogLine(6.6, "proxy0", line)]) == {}
+    assert judged([], executions, logs=[LogLine(100.0, "proxy0", line)]) == {"executed once": 1}
+
+
 def test_a_duplicate_is_explained_by_the_owner_process_losing_a_worker_meanwhile() -> None:
     executions = [Execution(KEY, 3.0, 0, 201), Execution(KEY, 9.0, 1, 201)]
     killed = Fault("worker SIGKILL", 3.1, 3.1, proxy=0)

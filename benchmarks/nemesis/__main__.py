@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import random
 import sys
 import tempfile
@@ -22,7 +24,7 @@ from pathlib import Path
 import redis
 
 from benchmarks.nemesis.checker import Verdict, check, read_executions, table
-from benchmarks.nemesis.client import RETRY_BUDGET, Client
+from benchmarks.nemesis.client import RETRY_BUDGET, Attempt, Client
 from benchmarks.nemesis.faults import Fault, Nemesis
 from benchmarks.nemesis.system import CONFIGURATIONS, LOCK_TTL, System, running
 
@@ -52,6 +54,14 @@ def drain(system: System) -> list[str]:
         time.sleep(0.5)
 
 
+def save_history(history: list[Attempt], path: Path) -> None:
+    """Every attempt and answer, one JSON object a line (bodies as latin-1 text), for a later look."""
+    with path.open("w") as out:
+        for attempt in history:
+            fields = dataclasses.asdict(attempt) | {"body": attempt.body.decode("latin-1")}
+            out.write(json.dumps(fields) + "\n")
+
+
 def run_configuration(
     configuration: str,
     seconds: float,
@@ -78,9 +88,9 @@ def run_configuration(
         executions = read_executions(system.executions, ports)
         with system.logs.lock:
             logs = list(system.logs.lines)
-        verdict = check(
-            configuration, system.min_replicas, client.history, executions, logs, nemesis.faults, stuck, unhealthy
-        )
+        history = client.history
+        save_history(history, directory / configuration / "history.jsonl")
+        verdict = check(configuration, system.min_replicas, history, executions, logs, nemesis.faults, stuck, unhealthy)
     return verdict, client, nemesis.faults, (time.monotonic() - started) / 60
 
 
