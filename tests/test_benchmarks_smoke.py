@@ -199,3 +199,15 @@ def test_scenario_selection() -> None:
         grid.select("nope")
     with pytest.raises(ValueError, match="unknown group"):
         grid.select(None, "proxies")
+
+
+@pytest.mark.slow
+def test_the_hot_path_benchmark_serves_each_app_and_prints_its_cpu_per_request() -> None:
+    # benchmarks/README.md "The hot path": uvicorn's protocol fed from memory; no Redis needed without a key.
+    apps = ["benchmarks.apps.bare:app", "benchmarks.apps.relay_idem_middleware:app"]
+    command = [sys.executable, "-m", "benchmarks.hotpath", "--mode", "nokey", "--rounds", "2", "--requests", "200"]
+    done = subprocess.run([*command, *apps], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == apps
+    assert all("µs CPU/request" in line for line in lines)
