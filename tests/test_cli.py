@@ -101,6 +101,11 @@ def test_every_flag_has_an_environment_variable(captured_run: mock.MagicMock) ->
         "RELAY_IDEM_ACCESS_LOG": "true",
         "RELAY_IDEM_SCOPE_HEADER": "X-Api-Key",
         "RELAY_IDEM_COMPLETE_RETRY": "2.5",
+        "RELAY_IDEM_MAX_HEADER_BYTES": "16KiB",
+        "RELAY_IDEM_HEADER_TIMEOUT": "5",
+        "RELAY_IDEM_BODY_TIMEOUT": "6",
+        "RELAY_IDEM_SEND_TIMEOUT": "7",
+        "RELAY_IDEM_MAX_CONNECTIONS": "500",
     }
     assert invoke("proxy", env=env).exit_code == 0
     kwargs = captured_run.call_args.kwargs
@@ -116,6 +121,9 @@ def test_every_flag_has_an_environment_variable(captured_run: mock.MagicMock) ->
     assert kwargs["access_log"] is True
     assert kwargs["scope_header"] == "X-Api-Key"
     assert kwargs["complete_retry"] == 2.5
+    assert kwargs["max_header_bytes"] == 16 * 1024
+    assert (kwargs["header_timeout"], kwargs["body_timeout"], kwargs["send_timeout"]) == (5.0, 6.0, 7.0)
+    assert kwargs["max_connections"] == 500
 
 
 def test_a_flag_beats_its_environment_variable(captured_run: mock.MagicMock) -> None:
@@ -158,6 +166,11 @@ def test_config_round_trips_through_json() -> None:
         ({"upstream": "http://app:8000", "workers": 0}, "at least 1"),
         ({"upstream": "http://app:8000", "min_replicas": 1}, "needs --redis"),
         ({"upstream": "http://app:8000", "upstream_timeout": 0}, "positive"),
+        ({"upstream": "http://app:8000", "header_timeout": 0}, "--header-timeout must be positive"),
+        ({"upstream": "http://app:8000", "body_timeout": -1}, "--body-timeout must be positive"),
+        ({"upstream": "http://app:8000", "send_timeout": 0}, "--send-timeout must be positive"),
+        ({"upstream": "http://app:8000", "max_header_bytes": 100}, "--max-header-bytes must be at least 1024"),
+        ({"upstream": "http://app:8000", "max_connections": 0}, "--max-connections must be at least 1"),
         ({"upstream": "http://app:8000", "redis": "redis://r", "min_replicas_timeout": 0.5}, "socket timeout"),
         ({"upstream": "http://app:8000", "ttl": -1}, "ttl must be positive"),
     ],
