@@ -65,6 +65,8 @@ HIGH_WATER = 64 * 1024
 # After an error answer, input is read and dropped this long (nginx's lingering close), so the
 # client gets to read the answer instead of a reset.
 LINGER = 2.0
+# A passed deadline is acted on this much later, after the loop has read its sockets once more.
+CONFIRM_DELAY = 0.001
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -171,6 +173,7 @@ class Connection(asyncio.Protocol):
         self.read_deadline = INF
         self.write_deadline = INF
         self.timer: asyncio.TimerHandle | None = None
+        self.confirming = False  # a deadline passed; checked again after the sockets were read
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -390,6 +393,15 @@ class Connection(asyncio.Protocol):
 
     def on_timer(self) -> None:
         now = self.loop.time()
+        expired = now >= self.write_deadline or now >= self.read_deadline
+        if expired and not self.confirming:
+            # The loop runs timers before it reads the sockets: after a stall of the whole process,
+            # input or drained output may be waiting that would move the deadline. Look once more
+            # after the next poll for I/O.
+            self.confirming = True
+            self.timer = self.loop.call_at(now + CONFIRM_DELAY, self.on_timer)
+            return
+        self.confirming = False
         if now >= self.write_deadline:
             logger.info("relay-idem: client %s did not read its response for %s s; disconnected", self.client,
                         self.limits.send_timeout)  # fmt: skip
