@@ -12,8 +12,17 @@ same lease renewal and wake-up (``lease.py``), and the same fencing by owner tok
     the function raises        the key is released, the exception propagates unchanged
     value cannot be encoded    the key is released, TypeError
     store down before running  StoreUnavailable; the function does not run
-    store down after running   the value is returned, not stored (counted, logged): a later call runs again
+    store down after running   the value is returned at once; the write is kept and retried in the background
+                               (pending.py, as HTTP outcomes: SPEC §3.8), the claim renewed meanwhile, so a
+                               call with the key gets KeyInProgress (or waits), never a second run; only if
+                               complete_retry runs out is it not stored (counted, logged): a later call runs again
+    store down at a release    the release is retried the same way, until the lease would have run out anyway
     lease lost while running   the completion is refused by the owner token (counted, logged); the value is returned
+
+Every call is counted once in ``relay_idem_function_calls_total``, when its outcome is known: a
+call whose write is pending counts ``executed`` (or ``not_stored``) when the write ends.
+``await f.drain()`` on a decorated function (or :func:`~relay_idem.drain_pending_writes`, for every
+function and middleware of the process) waits for the writes still pending: call it at shutdown.
 """
 
 from __future__ import annotations
@@ -24,20 +33,22 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, ParamSpec, TypeVar, cast
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
 
 import msgpack
 
 from relay_idem.exceptions import KeyInProgress, KeyReused, StoreUnavailable
 from relay_idem.keys import InvalidKey, check_key, key_hint, record_key
 from relay_idem.lease import Lease, wait_for_outcome
-from relay_idem.metrics import FUNCTION_OUTCOME, LEASE_LOST
+from relay_idem.metrics import FUNCTION_OUTCOME
+from relay_idem.pending import PendingWrite, PendingWrites, completion_counted
 from relay_idem.store.base import Claim, Record, Store, StoredResponse
 
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 FUNCTION_SCOPE = "functions"
 # A function's value is a completed record with this status and no headers.
@@ -54,9 +65,20 @@ def decode_value(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+def _check_seconds(name: str, value: float, *, zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 if zero else value > 0):
+        kind = "a non-negative" if zero else "a positive"
+        raise ValueError(f"{name} must be {kind} number of seconds, not {value!r}")
+
+
+class IdempotentCallable(Protocol[P, R_co]):
+    """What ``@idempotent`` makes of an ``async def``: the same call, and :meth:`drain`."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+    async def drain(self) -> None:
+        """Wait for this function's value writes still retried after a store failure (each ends within
+        ``complete_retry``)."""
 
 
 def idempotent(
@@ -71,21 +93,25 @@ def idempotent(
     scope: str = FUNCTION_SCOPE,
     encode: Callable[[Any], bytes] | None = None,
     decode: Callable[[bytes], Any] | None = None,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    complete_retry: float = 30.0,
+) -> Callable[[Callable[P, Awaitable[R]]], IdempotentCallable[P, R]]:
     """Run the decorated ``async def`` once per key; every later call gets its stored value.
 
     ``key`` takes the function's arguments and returns the key (1-255 visible ASCII characters);
     ``fingerprint`` too, returning bytes: the same key with another fingerprint raises
-    :class:`~relay_idem.KeyReused`. See SPEC §8.4 and this module's docstring for every outcome.
+    :class:`~relay_idem.KeyReused`. ``complete_retry``: how long a value write the store failed to
+    take is retried in the background (SPEC §3.8; 0 turns retries off). See SPEC §8.4 and this
+    module's docstring for every outcome.
     """
     if on_conflict not in ("reject", "wait"):
         raise ValueError(f"on_conflict must be 'reject' or 'wait', not {on_conflict!r}")
     for name, value in (("ttl", ttl), ("lock_ttl", lock_ttl), ("wait_timeout", wait_timeout)):
-        _check_positive(name, value)
+        _check_seconds(name, value)
+    _check_seconds("complete_retry", complete_retry, zero=True)
     if not isinstance(scope, str) or not scope:
         raise ValueError(f"scope must be a non-empty string, not {scope!r}")
 
-    def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def decorate(function: Callable[P, Awaitable[R]]) -> IdempotentCallable[P, R]:
         if not inspect.iscoroutinefunction(function):
             raise TypeError(f"@idempotent decorates an async def, not {function!r}")
         runner = IdempotentFunction(
@@ -100,13 +126,15 @@ def idempotent(
             scope=scope,
             encode=encode or encode_value,
             decode=decode or decode_value,
+            complete_retry=complete_retry,
         )
 
         @functools.wraps(function)
         async def call_once(*args: P.args, **kwargs: P.kwargs) -> R:
             return cast(R, await runner.call(*args, **kwargs))
 
-        return call_once
+        call_once.drain = runner.pending.drain  # type: ignore[attr-defined]
+        return cast(IdempotentCallable[P, R], call_once)
 
     return decorate
 
@@ -128,6 +156,7 @@ class IdempotentFunction:
         scope: str,
         encode: Callable[[Any], bytes],
         decode: Callable[[bytes], Any],
+        complete_retry: float,
     ) -> None:
         self.function = function
         self.store = store
@@ -140,6 +169,8 @@ class IdempotentFunction:
         self.scope = scope
         self.encode = encode
         self.decode = decode
+        self.complete_retry = complete_retry
+        self.pending = PendingWrites()  # value writes (and releases) the store failed to take, being retried
 
     def call_key(self, *args: Any, **kwargs: Any) -> str:
         key = self.key(*args, **kwargs)
@@ -202,7 +233,7 @@ class IdempotentFunction:
             value = await self.function(*args, **kwargs)
         except BaseException:
             lease.stop()
-            await self.release(store_key, claim.token, key)
+            await self.release(lease)
             raise
         lease.stop()
         try:
@@ -210,28 +241,35 @@ class IdempotentFunction:
             if not isinstance(body, bytes):
                 raise TypeError(f"encode must return bytes, not {type(body).__name__}")
         except Exception as exc:
-            await self.release(store_key, claim.token, key)
+            await self.release(lease)
             raise TypeError(f"the return value of {self.function.__qualname__} cannot be encoded: {exc}") from exc
         record = Record(claim.record.fingerprint, claim.record.created_at, StoredResponse(VALUE_STATUS, (), body))
         try:
             stored = await self.store.complete(store_key, claim.token, record, self.ttl)
         except StoreUnavailable as exc:
-            FUNCTION_OUTCOME["not_stored"].inc()
-            logger.warning("relay-idem: could not store a function's value (%s); a later call runs again", exc)
+            self.retry_later(lease, record, exc)  # the caller has its value now; the write goes on
             return value
-        if stored:
-            FUNCTION_OUTCOME["executed"].inc()
-        else:
-            FUNCTION_OUTCOME["not_stored"].inc()
-            LEASE_LOST.inc()
-            logger.warning(
-                "relay-idem: lease lost; a newer call holds the key, value not stored (key %s…)", key_hint(key)
-            )
+        completion_counted(stored, lease.key_hint, FUNCTION_OUTCOME)
         return value
 
-    async def release(self, store_key: str, token: str, key: str) -> None:
+    async def release(self, lease: Lease) -> None:
         FUNCTION_OUTCOME["released"].inc()
         try:
-            await self.store.release(store_key, token)
+            await self.store.release(lease.key, lease.token)
         except StoreUnavailable as exc:
-            logger.warning("relay-idem: could not release a function's key (%s); it frees itself after lock_ttl", exc)
+            self.retry_later(lease, None, exc)
+
+    def retry_later(self, lease: Lease, record: Record | None, error: StoreUnavailable) -> None:
+        """The store failed to take the value (``record``) or the release: keep it and retry it (SPEC §3.8)."""
+        write = PendingWrite(
+            self.store,
+            lease.key,
+            lease.token,
+            record,
+            config=self,
+            leased_at=lease.confirmed_at,
+            key_hint=lease.key_hint,
+            error=error,
+            outcomes=FUNCTION_OUTCOME,
+        )
+        self.pending.add(write)

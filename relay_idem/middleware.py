@@ -26,7 +26,7 @@ from relay_idem.options import (
     MismatchPolicy,
     StoreErrorPolicy,
 )
-from relay_idem.pending import PendingWrites, drain_every
+from relay_idem.pending import PendingWrites, drain_pending_writes
 from relay_idem.problems import (
     DUPLICATE_KEY_HEADER,
     INVALID_KEY,
@@ -269,7 +269,7 @@ class IdempotencyMiddleware:
         For frameworks that build the middleware themselves and keep the lifespan from it (Litestar:
         ``Litestar(..., on_shutdown=[IdempotencyMiddleware.drain_all])``).
         """
-        await drain_every()
+        await drain_pending_writes()
 
     def receive_draining(self, receive: Receive) -> Receive:
         """The lifespan channel, holding ``lifespan.shutdown`` back until the pending writes are done."""

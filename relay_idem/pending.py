@@ -1,12 +1,15 @@
 """Outcome writes the store failed to take, kept and retried until they land (SPEC §3.8).
 
-The app has run and its response has gone to the client; only the write of its outcome (or the
-release of a key whose outcome is not final) failed. Giving up there would let the claim expire
-and the client's next repeat execute the request a second time, so the process keeps the write
-and tries again, 50 ms after the failure, then doubling up to 1 s (at most ``lock_ttl / 4``, so
-that a store that comes back is written to well within the lease), each delay jittered. It ends:
+The app has run and its response has gone to the client (or an idempotent function has run and
+its caller has its value: ``functions.py`` keeps its writes here too); only the write of its
+outcome (or the release of a key whose outcome is not final) failed. Giving up there would let
+the claim expire and the client's next repeat execute the request a second time, so the process
+keeps the write and tries again, 50 ms after the failure, then doubling up to 1 s (at most
+``lock_ttl / 4``, so that a store that comes back is written to well within the lease), each
+delay jittered. It ends:
 
-- stored: counted ``executed``; or, for a release, the key is free again;
+- stored: counted ``executed`` (in ``outcomes``: the HTTP requests' counter, or the functions');
+  or, for a release, the key is free again;
 - refused: a newer owner holds the key (its lease ran out and another request claimed it) —
   fenced, counted as lease lost and ``not_stored``, logged;
 - ``complete_retry`` ran out: counted ``not_stored`` and ``relay_idem_writes_given_up_total``,
@@ -18,10 +21,11 @@ so a repeat gets 409 (or waits) and never executes a second time. A write retrie
 that came after Redis had run it (a lost reply) is recognised by ``complete.lua``: the key holds
 this very record.
 
-Memory stays bounded: each middleware keeps at most ``MAX_PENDING_WRITES`` writes holding at most
-``MAX_PENDING_BYTES`` of response bodies; past either, the oldest are given up
-(``reason="overflow"``). :meth:`PendingWrites.drain` waits for all of them, which each end within
-``complete_retry``: graceful shutdown calls it.
+Memory stays bounded: each middleware (and each idempotent function) keeps at most
+``MAX_PENDING_WRITES`` writes holding at most ``MAX_PENDING_BYTES`` of response bodies; past
+either, the oldest are given up (``reason="overflow"``). :meth:`PendingWrites.drain` waits for
+all of them, which each end within ``complete_retry``: graceful shutdown calls it;
+:func:`drain_pending_writes` does it for every middleware and function of the process.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ import logging
 import random
 import time
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from relay_idem.exceptions import StoreUnavailable
-from relay_idem.metrics import GIVEN_UP, LEASE_LOST, OUTCOME, PENDING_WRITES
+from relay_idem.metrics import GIVEN_UP, LEASE_LOST, OUTCOME, PENDING_WRITES, Count
 
 if TYPE_CHECKING:
-    from relay_idem.options import IdempotencyConfig
     from relay_idem.store.base import Record, Store
 
 logger = logging.getLogger(__name__)
@@ -48,12 +52,25 @@ FIRST_DELAY = 0.05
 MAX_DELAY = 1.0
 
 
-def completion_counted(stored: bool, key_hint: str) -> None:
+class WriteOptions(Protocol):
+    """What a pending write needs of its owner's options: an ``IdempotencyConfig``, or an idempotent function."""
+
+    @property
+    def ttl(self) -> float: ...
+
+    @property
+    def lock_ttl(self) -> float: ...
+
+    @property
+    def complete_retry(self) -> float: ...
+
+
+def completion_counted(stored: bool, key_hint: str, outcomes: Mapping[str, Count] = OUTCOME) -> None:
     """Count a completion the store answered: stored, or refused because a newer owner holds the key."""
     if stored:
-        OUTCOME["executed"].inc()
+        outcomes["executed"].inc()
         return
-    OUTCOME["not_stored"].inc()
+    outcomes["not_stored"].inc()
     LEASE_LOST.inc()
     logger.warning("relay-idem: lease lost; a newer owner holds the key, outcome not stored (key %s…)", key_hint)
 
@@ -68,10 +85,11 @@ class PendingWrite:
         token: str,
         record: Record | None,
         *,
-        config: IdempotencyConfig,
+        config: WriteOptions,
         leased_at: float,
         key_hint: str,
         error: StoreUnavailable,
+        outcomes: Mapping[str, Count] = OUTCOME,
     ) -> None:
         self.store = store
         self.key = key
@@ -82,6 +100,7 @@ class PendingWrite:
         self.lock_ttl = config.lock_ttl
         self.key_hint = key_hint
         self.error = error
+        self.outcomes = outcomes  # where executed / not_stored are counted, once the write has ended
         self.failed_at = time.monotonic()
         self.deadline = self.failed_at + config.complete_retry
         # When the store last confirmed our lease (time.monotonic()): it ends lock_ttl after, at the latest.
@@ -125,7 +144,7 @@ class PendingWrite:
         if self.record is None:
             logger.info("relay-idem: key released after %.1f s of retries (key %s…)", retried, self.key_hint)
             return True
-        completion_counted(stored, self.key_hint)
+        completion_counted(stored, self.key_hint, self.outcomes)
         if stored:
             logger.info("relay-idem: outcome stored after %.1f s of retries (key %s…)", retried, self.key_hint)
         return True
@@ -167,7 +186,7 @@ class PendingWrite:
                 self.key_hint,
             )
             return
-        OUTCOME["not_stored"].inc()
+        self.outcomes["not_stored"].inc()
         logger.warning(
             "relay-idem: could not store the outcome (%s) %s; a retry will execute again (key %s…)",
             self.error,
@@ -176,12 +195,12 @@ class PendingWrite:
         )
 
 
-# Every middleware's pending writes in this process, for drain_every().
+# Every middleware's and idempotent function's pending writes in this process, for drain_pending_writes().
 EVERY_PENDING: weakref.WeakSet[PendingWrites] = weakref.WeakSet()
 
 
 class PendingWrites:
-    """The writes one middleware is retrying, oldest first, each in a task of its own."""
+    """The writes one middleware (or idempotent function) is retrying, oldest first, each in a task of its own."""
 
     def __init__(self, limit: int = MAX_PENDING_WRITES, limit_bytes: int = MAX_PENDING_BYTES) -> None:
         self.limit = limit
@@ -235,7 +254,8 @@ class PendingWrites:
             await asyncio.wait(list(self.tasks))
 
 
-async def drain_every() -> None:
-    """:meth:`PendingWrites.drain` for every middleware of this process."""
+async def drain_pending_writes() -> None:
+    """Wait for every outcome write this process still retries (SPEC §3.8): every middleware's and every
+    idempotent function's. Each ends within its ``complete_retry``."""
     for pending in list(EVERY_PENDING):
         await pending.drain()

@@ -19,11 +19,12 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from relay_idem import IdempotencyMiddleware, RedisStore
+from relay_idem import IdempotencyMiddleware, KeyInProgress, RedisStore, StoreUnavailable, idempotent
 from relay_idem.keys import record_key
 from relay_idem.scopes import ANONYMOUS_SCOPE
 from tests.redis_servers import DelayProxy, RedisServer, start_standalone
 from tests.relay_processes import MESSAGE, keyed, metric, new_id, running_proxy, wait_for
+from tests.test_functions import Outcomes
 from tests.test_middleware_errors import Delta, sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
@@ -281,6 +282,76 @@ async def test_sigterm_waits_for_pending_writes_then_exits(
     assert stored is not None and stored.record.response is not None
     assert stored.record.response.body == responses[stays].content  # written before that proxy exited
     assert given_up is None or given_up.record.response is None
+
+
+async def test_redis_paused_while_a_functions_value_is_written(server: RedisServer) -> None:
+    """SPEC §8.4 with §3.8: the caller gets its value, the write lands once Redis is back, and the next
+    call gets the stored value: the function ran once."""
+    store = RedisStore.from_url(server.url, prefix=new_id())
+    runs = 0
+
+    @idempotent(store, key=lambda job: f"reminder-{job}")
+    async def send_reminder(job: int) -> str:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            server.pause()  # Redis stops just before the value is written
+        return f"msg_{runs}"
+
+    outcomes = Outcomes()
+    try:
+        assert await send_reminder(1) == "msg_1"
+        with pytest.raises(StoreUnavailable):  # still paused: nothing runs
+            await send_reminder(1)
+        server.resume()
+        await asyncio.wait_for(send_reminder.drain(), HANG_GUARD)
+        assert await send_reminder(1) == "msg_1"
+    finally:
+        server.resume()
+        await store.close()
+    assert runs == 1
+    assert outcomes.counted() == {"executed": 1, "store_error": 1, "replayed": 1}
+
+
+async def test_redis_cut_off_longer_than_a_functions_complete_retry(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The value is given up once (``not_stored``); once Redis is back and the claim has run out, the next
+    call runs the function again."""
+    with DelayProxy(server.port) as partition:
+        store = RedisStore.from_url(partition.url, prefix=new_id())
+        runs = 0
+
+        @idempotent(store, key=lambda: "reminder", lock_ttl=1, complete_retry=1)
+        async def send_reminder() -> str:
+            nonlocal runs
+            runs += 1
+            if runs == 1:
+                partition.cut()
+            return f"msg_{runs}"
+
+        outcomes = Outcomes()
+
+        async def runs_again() -> bool:
+            try:
+                return await send_reminder() == "msg_2"
+            except (KeyInProgress, StoreUnavailable):
+                return False  # Redis not yet reachable, or the claim not yet run out
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="relay_idem"):
+                assert await send_reminder() == "msg_1"
+                await asyncio.wait_for(send_reminder.drain(), HANG_GUARD)  # given up after complete_retry
+                assert outcomes.counted() == {"not_stored": 1}
+                partition.heal()
+                await wait_for(runs_again, timeout=HANG_GUARD, what="the next call to run again")
+        finally:
+            partition.heal()
+            await store.close()
+    assert runs == 2
+    counted = outcomes.counted()
+    assert (counted["not_stored"], counted["executed"]) == (1, 1)
+    assert len(warnings(caplog, "could not store the outcome")) == 1
 
 
 def children(pid: int) -> list[str]:

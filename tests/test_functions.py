@@ -189,6 +189,8 @@ def test_bad_options_are_refused_when_decorating() -> None:
         idempotent(store, key=lambda: "k", lock_ttl=0)
     with pytest.raises(ValueError, match="scope"):
         idempotent(store, key=lambda: "k", scope="")
+    with pytest.raises(ValueError, match="complete_retry"):
+        idempotent(store, key=lambda: "k", complete_retry=-1)
     with pytest.raises(TypeError, match="async def"):
         idempotent(store, key=lambda: "k")(lambda: None)  # type: ignore[arg-type,return-value]
 
