@@ -142,6 +142,11 @@ class Forwarder:
         try:
             headers = end_to_end(response.headers)
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            whole = response.arrived_whole()
+            if whole is not None:
+                # The usual case: the whole response came in the read that held its head.
+                await send({"type": "http.response.body", "body": whole, "more_body": False})
+                return
             more_body = True
             async for chunk in response.body():
                 if chunk:

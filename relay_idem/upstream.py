@@ -62,6 +62,9 @@ class UpstreamResponse(Protocol):
     def body(self) -> AsyncIterator[bytes]:
         """The body as it arrives, undecoded. Raises :class:`UpstreamError` if it breaks off."""
 
+    def arrived_whole(self) -> bytes | None:
+        """The whole body if all of it has arrived already (it is then consumed), else None: read :meth:`body`."""
+
     async def close(self) -> None:
         """Give the connection back to the pool (or drop it if the body was not read to the end)."""
 

@@ -50,6 +50,9 @@ class _AiohttpResponse:
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from exc
 
+    def arrived_whole(self) -> None:
+        return None  # aiohttp does not say whether the body is all in: always streamed
+
     async def close(self) -> None:
         self.response.release()
 

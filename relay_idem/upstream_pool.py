@@ -108,6 +108,14 @@ class _Response:
     def complete(self) -> bool:
         return self.done and not self.chunks
 
+    def arrived_whole(self) -> bytes | None:
+        if not self.done:
+            return None
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return body
+
     async def body(self) -> AsyncIterator[bytes]:
         chunks = self.chunks
         while True:

@@ -49,6 +49,9 @@ class Response:
             self.complete = index == len(self.chunks) - 1
             yield chunk
 
+    def arrived_whole(self) -> None:
+        return None  # streamed, chunk by chunk: the path a body still arriving takes
+
     async def close(self) -> None:
         self.closed = True
 

@@ -362,6 +362,32 @@ async def test_a_body_that_stalls_times_out() -> None:
             await upstream.close()
 
 
+async def test_a_body_is_handed_whole_only_once_all_of_it_has_arrived() -> None:
+    rest = asyncio.Event()
+
+    async def in_two_parts(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+        await writer.drain()
+        await rest.wait()
+        writer.write(b"def")
+        await writer.drain()
+
+    async with server(in_two_parts) as (url, _):
+        upstream = PooledUpstream(url, timeout=10)
+        try:
+            response = await upstream.send("GET", "/", [], None)
+            assert response.arrived_whole() is None  # "def" is still to come: the body streams
+            rest.set()
+            await wait_for(holds(lambda: response.done), timeout=10, what="the rest of the body")
+            assert response.arrived_whole() == b"abcdef"
+            assert [chunk async for chunk in response.body()] == []  # consumed
+            await response.close()
+            assert len(upstream.idle) == 1  # read to its end: the connection goes back to the pool
+        finally:
+            await upstream.close()
+
+
 # --- the request: framing, streaming, the pool's bound ----------------------------------------
 
 
