@@ -129,6 +129,7 @@ async def test_requests_at_the_upstreams_keep_alive_boundary_are_neither_lost_no
 
 
 GUNICORN_KEEP_ALIVE = 2.0
+FRESH_POOLS = 25
 
 
 async def test_a_fresh_pool_meets_a_gunicorn_like_keep_alive_boundary_without_failing(
@@ -137,7 +138,9 @@ async def test_a_fresh_pool_meets_a_gunicorn_like_keep_alive_boundary_without_fa
     """The mission's case before anything is learnt: an upstream with gunicorn's 2 s keep-alive,
     each fresh pool's second request sent 2 s ± 12 ms after its first. No pool has seen a close
     yet, so only ``UNLEARNT_REUSE_LIMIT`` keeps the request off a connection the upstream is
-    closing at that moment: every request succeeds and reaches the upstream exactly once."""
+    closing at that moment: every request succeeds and reaches the upstream exactly once. (Whether
+    a pool then learns from the upstream's close depends on which comes first, ours or its own;
+    ``test_a_connection_idle_past_the_unlearnt_limit_is_not_reused`` pins the rule itself.)"""
     failures: list[str] = []
     with running_upstream(keep_alive=GUNICORN_KEEP_ALIVE) as url:
 
@@ -153,18 +156,17 @@ async def test_a_fresh_pool_meets_a_gunicorn_like_keep_alive_boundary_without_fa
                         failures.append(f"{name}: {exc!r}")
                     if round_number == 0:
                         await asyncio.sleep(GUNICORN_KEEP_ALIVE + (number % 25 - 12) / 1000)
-                assert upstream.keep_alive_timeout == float("inf")  # nothing was learnt: the default did it
             finally:
                 await upstream.close()
 
-        await asyncio.gather(*(worker(number) for number in range(WORKERS)))
+        await asyncio.gather(*(worker(number) for number in range(FRESH_POOLS)))
         counts = [
             (await client.get(f"{url}/calls", params={"id": f"g{n}-r{r}"})).json()["calls"]
-            for n in range(WORKERS)
+            for n in range(FRESH_POOLS)
             for r in range(2)
         ]
     assert failures == []
-    assert counts == [1] * (WORKERS * 2)
+    assert counts == [1] * (FRESH_POOLS * 2)
 
 
 async def test_a_connection_idle_past_the_unlearnt_limit_is_not_reused() -> None:
