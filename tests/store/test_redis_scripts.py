@@ -7,11 +7,13 @@ Commands a script runs show up as ``[db lua]`` and do not count.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from types import TracebackType
@@ -29,6 +31,7 @@ from relay_idem.scopes import ANONYMOUS_SCOPE
 from relay_idem.store import Record, StoredResponse, notifier
 from relay_idem.store.redis_store import DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_TIMEOUT
 from tests.apps import Counter, Slow, Statuses, call, idem
+from tests.redis_servers import start_standalone
 
 pytestmark = pytest.mark.anyio
 
@@ -113,6 +116,22 @@ class Monitor:
 
     def script_commands(self) -> list[Command]:
         return [command for command in self.commands if command.from_script]
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A redis-server of this module's own, in place of the suite's shared one.
+
+    ``MONITOR`` shows every client of a server and ``SCRIPT FLUSH`` empties the script cache of
+    all of them, so on a shared Redis another user's commands showed up in these counts (a
+    fresh-clone CI run on 2026-11-30 failed on a neighbour's key in MONITOR's output).
+    """
+    if shutil.which("redis-server") is None:
+        if os.environ.get("RELAY_IDEM_REQUIRE_REDIS") == "1":
+            pytest.fail("RELAY_IDEM_REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    with start_standalone() as server:
+        yield server.url
 
 
 @pytest.fixture
