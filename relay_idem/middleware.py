@@ -264,7 +264,7 @@ class IdempotencyMiddleware:
 
     @staticmethod
     async def drain_all() -> None:
-        """:meth:`drain` for every ``IdempotencyMiddleware`` of this process.
+        """:meth:`drain` for every ``IdempotencyMiddleware`` and every ``@idempotent`` function of this process.
 
         For frameworks that build the middleware themselves and keep the lifespan from it (Litestar:
         ``Litestar(..., on_shutdown=[IdempotencyMiddleware.drain_all])``).
